@@ -1,0 +1,225 @@
+"""``python -m benchmarks``: every gradfuse backend against torch.nn.utils clipping, side by side.
+
+Exit status: 0 when every gradfuse result was right, 1 when one was wrong or raised (or gradfuse
+could not be imported), 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from . import environment, report, timing
+from .runner import CompilePolicy, Settings, run_suite
+from .scenarios import SCENARIOS
+from .workloads import DTYPE_SETS, REPO_ROOT, find_workloads_dir, load_workloads, scaled, scaled_to, truncated
+
+CPU_MAX_NUMEL = 4_000_000  # --scale auto on CPU: each workload shrunk to about this many elements
+CPU_SKIP_ABOVE_NUMEL = 2_000_000_000  # workloads this large run on CPU only when named (llama2_7b)
+QUICK_MAX_NUMEL = 1 << 16
+QUICK_MAX_TENSORS = 48
+
+REPEATS = {
+    "cpu": timing.RepeatPolicy(warmup=1, min_reps=5, max_reps=20, target_s=0.1),
+    "cuda": timing.RepeatPolicy(warmup=3, min_reps=10, max_reps=100, target_s=0.2),
+    "quick": timing.RepeatPolicy(warmup=1, min_reps=3, max_reps=3, target_s=0.0),
+}
+COPY_BYTES = {"cpu": 512 << 20, "cuda": 2 << 30, "quick": 32 << 20}
+COPY_REPEATS = timing.RepeatPolicy(warmup=2, min_reps=10, max_reps=10, target_s=0.0)
+
+# torch.compile under --compile auto. On CPU, Inductor needs ~20-30 s per graph for ~150 tensors
+# and ~10 min for 2048 (measured on 2 cores), so only the headline cell of each workload compiles;
+# a compile cannot be interrupted, so 2048-tensor graphs are left out on GPU too.
+COMPILE_AUTO = {
+    "cpu": CompilePolicy(scenarios=frozenset({"clip"}), dtype_sets=frozenset({"bf16"}), max_tensors=256, budget_s=150),
+    "cuda": CompilePolicy(scenarios=frozenset({"clip", "norm"}), max_tensors=512, budget_s=300),
+}
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Benchmark gradfuse's backends against torch.nn.utils.clip_grad_norm_ (see benchmarks/README.md).",
+    )
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--workloads-dir", help="folder of workload *.json (default: ../shared/workloads, then shared/workloads)")
+    p.add_argument("--workloads", type=_names, help="comma-separated workload names (default: all; on CPU all but the GPU-sized)")
+    p.add_argument("--dtypes", type=_names, default=list(DTYPE_SETS), help=f"comma-separated, from {','.join(DTYPE_SETS)}")
+    p.add_argument("--scenarios", type=_names, default=list(SCENARIOS), help=f"comma-separated, from {','.join(SCENARIOS)}")
+    p.add_argument(
+        "--impls",
+        type=_names,
+        help="comma-separated implementations or families: gradfuse, torch, gradfuse:cpu, torch:foreach, torch:loop, torch:compile (default: all)",
+    )
+    p.add_argument(
+        "--scale",
+        default="auto",
+        help="multiply every tensor's first dimension by this factor; auto (default): 1 on GPU, "
+        f"on CPU each workload shrunk to about {CPU_MAX_NUMEL:,} elements",
+    )
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="torch.compile contender (default auto: see README)")
+    p.add_argument("--compile-budget", type=float, help="stop compiling after this many seconds of compile time")
+    p.add_argument("--repeats", type=int, help="timed calls per cell (default: as many as fit a time budget)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, 1 with --quick)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, 3 repeats, 1 thread: checks the suite runs, in seconds")
+    p.add_argument("--out", help="JSON output path; the PNG goes beside it (default: benchmarks/results/<device-kind>.json)")
+    p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or per-cell lines")
+    args = p.parse_args(argv)
+    for name, allowed in (("dtypes", DTYPE_SETS), ("scenarios", SCENARIOS)):
+        bad = [v for v in getattr(args, name) if v not in allowed]
+        if bad:
+            p.error(f"--{name}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+    if args.scale != "auto":
+        try:
+            args.scale = float(args.scale)
+        except ValueError:
+            p.error(f"--scale must be auto or a number, not {args.scale!r}")
+        if not 0 < args.scale <= 1:
+            p.error("--scale must be in (0, 1]")
+    for name in ("repeats", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    return args
+
+
+def select_workloads(args, device: torch.device, notes: list[str]):
+    workloads = load_workloads(find_workloads_dir(args.workloads_dir), args.workloads)
+    if device.type == "cpu" and args.workloads is None:
+        big = [w for w in workloads if w.full_numel > CPU_SKIP_ABOVE_NUMEL]
+        for w in big:
+            notes.append(f"{w.name} ({w.full_numel / 1e9:.1f}e9 elements) is GPU-only; name it with --workloads to run it scaled on CPU")
+        workloads = [w for w in workloads if w not in big]
+    if args.quick:
+        return [scaled_to(truncated(w, QUICK_MAX_TENSORS), QUICK_MAX_NUMEL) for w in workloads]
+    if args.scale != "auto":
+        return [scaled(w, args.scale) for w in workloads]
+    return [scaled_to(w, CPU_MAX_NUMEL) for w in workloads] if device.type == "cpu" else workloads
+
+
+def compile_policy(args, device: torch.device) -> CompilePolicy:
+    if args.compile == "off" or (args.quick and args.compile == "auto"):
+        return CompilePolicy(enabled=False)
+    if args.compile == "on":
+        return CompilePolicy(budget_s=args.compile_budget)
+    auto = COMPILE_AUTO[device.type]
+    budget = args.compile_budget if args.compile_budget is not None else auto.budget_s
+    return CompilePolicy(auto.scenarios, auto.dtype_sets, auto.max_tensors, budget)
+
+
+def repeat_policy(args, device: torch.device) -> timing.RepeatPolicy:
+    policy = REPEATS["quick" if args.quick else device.type]
+    if args.repeats is not None:
+        policy = timing.RepeatPolicy(policy.warmup, args.repeats, args.repeats, 0.0)
+    return policy
+
+
+def output_paths(args, device: torch.device) -> tuple[Path, Path]:
+    if args.out:
+        json_path = Path(args.out)
+        if json_path.suffix != ".json":
+            json_path = json_path.with_name(json_path.name + ".json")
+    else:
+        kind = environment.device_kind(device)
+        folder = "out" if args.quick else "results"
+        json_path = REPO_ROOT / "benchmarks" / folder / (f"{kind}-quick.json" if args.quick else f"{kind}.json")
+    return json_path, json_path.with_suffix(".png")
+
+
+def import_gradfuse(notes: list[str]):
+    try:
+        import gradfuse
+    except Exception as e:  # mid-construction or not built: the baselines still run, the exit says so
+        notes.append(f"gradfuse could not be imported ({type(e).__name__}: {e}); only torch baselines ran")
+        return None
+    return gradfuse
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    threads = args.threads or (1 if args.quick else None)
+    if threads:  # --quick measures nothing: one thread keeps it fast on a busy machine
+        torch.set_num_threads(threads)
+    device = environment.pick_device(args.device)
+    notes: list[str] = []
+    workloads = select_workloads(args, device, notes)
+    gradfuse = import_gradfuse(notes)
+    mode = "quick" if args.quick else device.type
+    settings = Settings(
+        device=device,
+        workloads=workloads,
+        dtype_sets=args.dtypes,
+        scenarios=[SCENARIOS[s] for s in args.scenarios],
+        impl_filter=set(args.impls) if args.impls else None,
+        repeat=repeat_policy(args, device),
+        compile=compile_policy(args, device),
+        cache_bytes=0 if args.quick else environment.cache_bytes(device),
+        copy_bytes=COPY_BYTES[mode],
+        copy_repeat=COPY_REPEATS,
+    )
+    json_path, png_path = output_paths(args, device)
+    meta = environment.describe(device, argv)
+
+    progress = report.Progress(enabled=not args.no_progress)
+    try:
+        run = run_suite(settings, gradfuse, progress)
+    finally:
+        progress.close()
+    run.notes[:0] = notes
+    if gradfuse is None:
+        run.failures.append(notes[-1])
+
+    plot_note = None
+    if not args.no_plot:
+        title = f"gradfuse vs torch.nn.utils — {meta['device']} — {meta['date']}"
+        plot_note = report.write_plot(png_path, run.rows, title)
+        if plot_note:
+            run.notes.append(plot_note)
+    settings_json = {
+        "mode": mode,
+        "scale": args.scale,
+        "dtypes": args.dtypes,
+        "scenarios": args.scenarios,
+        "impls": args.impls,
+        "repeat": vars(settings.repeat),
+        "compile": settings.compile.describe(),
+        "compile_seconds_spent": settings.compile.spent_s,
+        "cache_bytes_defeated": settings.cache_bytes,
+    }
+    workloads_json = [
+        {
+            "name": w.name,
+            "doc": w.doc,
+            "num_tensors": w.num_tensors,
+            "numel": w.numel,
+            "full_numel": w.full_numel,
+            "scale": w.scale,
+        }
+        for w in workloads
+    ]
+    scenarios_json = {s.name: {"bytes_factor": s.bytes_factor} for s in settings.scenarios}
+    report.write_json(json_path, report.payload(meta, settings_json, run, workloads_json, scenarios_json))
+
+    print(report.format_table(run.rows))
+    bw = run.copy_bandwidth
+    print(f"\ncopy bandwidth: {bw['gbps']:.1f} GB/s ({bw['method']}); device: {meta['device']}; torch {meta['torch']}")
+    for note in run.notes:
+        print(f"note: {note}")
+    print(f"wrote {json_path}" + ("" if args.no_plot or plot_note else f" and {png_path}"))
+    if run.failures:
+        print(f"\nFAILED: {len(run.failures)} gradfuse result(s) wrong or broken:", file=sys.stderr)
+        for f in run.failures:
+            print(f"  {f}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

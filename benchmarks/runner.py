@@ -1,0 +1,278 @@
+"""The benchmark loop: for each workload, dtype set, scenario and implementation, check once, then time."""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import correctness, timing
+from .results import ERROR, OK, SKIPPED, WRONG, Row, derive_figures
+from .scenarios import (
+    ADAMW_STEP_ONLY,
+    TORCH_COMPILE,
+    TORCH_FOREACH,
+    TORCH_LOOP,
+    Impl,
+    PreparedCall,
+    Scenario,
+    Unsupported,
+    gradfuse_impl,
+    max_norm_for,
+    prepare,
+    returned_norm,
+)
+from .workloads import GradGroup, Workload, make_grad_group, nbytes, rotation_count, tensor_dtypes
+
+
+@dataclass
+class CompilePolicy:
+    """Which cells get a torch.compile contender, and how many seconds of compiling are allowed."""
+
+    scenarios: frozenset[str] | None = None  # None: every scenario
+    dtype_sets: frozenset[str] | None = None
+    max_tensors: int | None = None
+    budget_s: float | None = None
+    enabled: bool = True
+    spent_s: float = 0.0
+
+    def allows(self, workload: Workload, dtype_set: str, scenario: str) -> bool:
+        return (
+            self.enabled
+            and (self.scenarios is None or scenario in self.scenarios)
+            and (self.dtype_sets is None or dtype_set in self.dtype_sets)
+            and (self.max_tensors is None or workload.num_tensors <= self.max_tensors)
+        )
+
+    @property
+    def exhausted(self) -> bool:
+        return self.budget_s is not None and self.spent_s >= self.budget_s
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "torch:compile off"
+        parts = [
+            f"scenarios {','.join(sorted(self.scenarios))}" if self.scenarios is not None else "every scenario",
+            f"dtypes {','.join(sorted(self.dtype_sets))}" if self.dtype_sets is not None else "every dtype",
+        ]
+        if self.max_tensors is not None:
+            parts.append(f"workloads of at most {self.max_tensors} tensors")
+        if self.budget_s is not None:
+            parts.append(f"until {self.budget_s:.0f} s of compiling are spent")
+        return "torch:compile for " + ", ".join(parts)
+
+
+@dataclass
+class Settings:
+    device: torch.device
+    workloads: list[Workload]
+    dtype_sets: list[str]
+    scenarios: list[Scenario]
+    impl_filter: set[str] | None  # implementation names or families ("gradfuse", "torch"); None: all
+    repeat: timing.RepeatPolicy
+    compile: CompilePolicy
+    cache_bytes: int  # the rotation of gradient sets spans 3x this; 0: no rotation
+    copy_bytes: int
+    copy_repeat: timing.RepeatPolicy
+
+
+@dataclass
+class SuiteRun:
+    rows: list[Row] = field(default_factory=list)
+    groups: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    copy_bandwidth: dict | None = None
+
+
+def implementations(device: torch.device, gradfuse, impl_filter: set[str] | None, notes: list[str]) -> list[Impl]:
+    impls = []
+    if gradfuse is not None:
+        for backend in gradfuse.available_backends(device):
+            if device.type == "cpu" and backend == "triton":
+                notes.append("gradfuse:triton not benchmarked on CPU: it runs there only in Triton's interpreter")
+                continue
+            impls.append(gradfuse_impl(backend))
+    impls += [TORCH_FOREACH, TORCH_LOOP, TORCH_COMPILE]
+    if impl_filter is not None:
+        impls = [i for i in impls if i.name in impl_filter or i.family in impl_filter]
+    return [ADAMW_STEP_ONLY, *impls]  # the step alone is needed for every fused-optimizer overhead
+
+
+def count_cells(settings: Settings, impls: list[Impl]) -> int:
+    n = 0
+    for w in settings.workloads:
+        for d in settings.dtype_sets:
+            for s in settings.scenarios:
+                for impl in impls:
+                    n += _takes_part(impl, w, d, s, settings.compile)
+    return n
+
+
+def _takes_part(impl: Impl, w: Workload, dtype_set: str, scenario: Scenario, policy: CompilePolicy) -> bool:
+    if impl is ADAMW_STEP_ONLY:
+        return scenario.steps_optimizer
+    if impl.compiled:
+        return policy.allows(w, dtype_set, scenario.name)
+    return True
+
+
+def run_suite(settings: Settings, gradfuse, progress) -> SuiteRun:
+    run = SuiteRun()
+    device = settings.device
+    impls = implementations(device, gradfuse, settings.impl_filter, run.notes)
+    progress.start(count_cells(settings, impls))
+    run.copy_bandwidth = timing.copy_bandwidth(device, settings.copy_bytes, settings.copy_repeat)
+    if any(i.compiled for i in impls):
+        run.notes.append(settings.compile.describe() + ("" if settings.compile.enabled else " (--compile on/auto to include it)"))
+
+    for w in settings.workloads:
+        for dtype_set in settings.dtype_sets:
+            set_bytes = nbytes(w, tensor_dtypes(w, dtype_set))
+            count = rotation_count(set_bytes, settings.cache_bytes) if settings.cache_bytes else 1
+            try:
+                group = make_grad_group(w, dtype_set, device, count)
+            except torch.OutOfMemoryError:
+                run.notes.append(f"{w.name}/{dtype_set}: {count} gradient sets of {set_bytes / 1e9:.2f} GB do not fit; skipped")
+                _free(device)
+                continue
+            run.groups.append(
+                {"workload": w.name, "dtype": dtype_set, "bytes": group.nbytes, "rotation_sets": count, "norms": group.norms}
+            )
+            for scenario in settings.scenarios:
+                max_norm = max_norm_for(scenario, group)
+                for impl in impls:
+                    if not _takes_part(impl, w, dtype_set, scenario, settings.compile):
+                        continue
+                    progress.label(f"{w.name} {dtype_set} {scenario.name} {impl.name}")
+                    row = run_cell(settings, group, scenario, impl, max_norm, gradfuse)
+                    run.rows.append(row)
+                    if impl.is_gradfuse and row.status in (WRONG, ERROR):
+                        message = f"{impl.name} on {w.name}/{dtype_set}/{scenario.name}: {row.note}"
+                        run.failures.append(message)
+                        progress.write(("WRONG RESULT: " if row.status == WRONG else "ERROR: ") + message)
+                    progress.advance()
+            del group
+            _free(device)
+    derive_figures(run.rows, run.copy_bandwidth["gbps"])
+    return run
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_cell(settings: Settings, group: GradGroup, scenario: Scenario, impl: Impl, max_norm: float | None, gradfuse) -> Row:
+    """Prepare, check once against fp64, time, count launches and syncs: one result row."""
+    device = settings.device
+    row = Row(group.workload.name, group.dtype_set, scenario.name, impl.name)
+    if impl is not ADAMW_STEP_ONLY:
+        row.bytes = scenario.bytes_factor * group.nbytes
+    if impl.compiled and settings.compile.exhausted:
+        row.status, row.note = SKIPPED, f"compile budget of {settings.compile.budget_s:.0f} s spent"
+        return row
+    call: PreparedCall | None = None
+    try:
+        call = prepare(impl, scenario, group, max_norm, device, gradfuse)
+        restore = _first_call(row, call, impl, scenario, max_norm, settings)
+        if row.status != OK:
+            return row
+        for i in range(1, len(group.sets)):  # first use of every set (plans, optimizer state): untimed
+            call(i)
+            restore(i)
+        stats = timing.measure(call, restore, device, settings.repeat, start=1)
+        row.time = stats.as_ms()
+        if device.type == "cuda":
+            _count_launches_and_syncs(row, call, restore, device)
+    except Unsupported as e:
+        row.status, row.note = SKIPPED, str(e)
+    except Exception as e:  # a broken implementation is reported, the run goes on
+        if impl.compiled:
+            row.status, row.note = SKIPPED, f"torch.compile failed: {type(e).__name__}: {_first_line(e)}"
+        else:
+            row.status, row.note = ERROR, f"{type(e).__name__}: {_first_line(e)}"
+        _free(device)
+    finally:
+        if call is not None:
+            call.close()
+    return row
+
+
+def _count_launches_and_syncs(row: Row, call: PreparedCall, restore, device: torch.device) -> None:
+    try:
+        row.launches_per_call, row.syncs_per_call = timing.count_launches_and_syncs(call, device, 0)
+    except Exception as e:  # a profiler problem must not turn a measured row into an error
+        row.note = (row.note + "; " if row.note else "") + f"launch/sync count failed: {type(e).__name__}: {_first_line(e)}"
+    finally:
+        restore(0)
+
+
+def _first_call(row: Row, call: PreparedCall, impl: Impl, scenario: Scenario, max_norm, settings: Settings):
+    """Run call 0 on set 0 and check it against fp64; return the untimed restore for later calls."""
+    device = settings.device
+    grads = call.group.set(0).grads
+    snap = correctness.take_snapshot(grads) if impl is not ADAMW_STEP_ONLY else None
+    timing.synchronize(device)
+    t0 = time.perf_counter()
+    try:
+        result = call(0)
+        timing.synchronize(device)
+    except (NotImplementedError, TypeError) as e:
+        if impl.is_gradfuse and scenario.steps_optimizer:  # the hand-off is feature-detected by calling it
+            raise Unsupported(f"gradfuse hand-off not available: {type(e).__name__}: {_first_line(e)}") from e
+        raise
+    if impl.compiled:
+        row.compile_s = time.perf_counter() - t0
+        settings.compile.spent_s += row.compile_s
+    if snap is None:
+        return _no_restore
+    _record_check(row, impl, _check(call, snap, result, max_norm))
+    if not correctness.grads_changed(snap, grads):
+        return _no_restore
+    restore = _restorer(call.group)
+    restore(0)
+    return restore
+
+
+def _check(call: PreparedCall, snap: correctness.Snapshot, result, max_norm) -> correctness.Check:
+    """The guard on call 0; with an optimizer, on the first Adam moments it left."""
+    opt = call.optimizer(0)
+    if opt is None:
+        return correctness.check_call(snap, returned_norm(result), max_norm, call.group.set(0).grads)
+    moments = [opt.state[p]["exp_avg"] for p in call.group.set(0).params]
+    beta1 = opt.param_groups[0]["betas"][0]
+    return correctness.check_call(snap, returned_norm(result), max_norm, call.group.set(0).grads, moments, beta1)
+
+
+def _record_check(row: Row, impl: Impl, check: correctness.Check) -> None:
+    row.check = check.as_dict()
+    if check.ok:
+        return
+    if impl.is_gradfuse:
+        row.status, row.note = WRONG, "; ".join(check.problems)
+        return
+    # torch's own rounding (fp16/bf16 norms, fp16 coefficient): reported, not a failure
+    errors = [f"{what} rel err {err:.1e}" for what, err in (("norm", check.norm_rel_err), ("values", check.values_max_rel_err)) if err]
+    row.note = f"outside gradfuse's tolerance ({', '.join(errors)})"
+
+
+def _no_restore(i: int) -> None:
+    return None
+
+
+def _restorer(group: GradGroup):
+    def restore(i: int) -> None:
+        """Undo the ~0.5 clip exactly (a power of two), untimed: every call sees the same norm."""
+        with torch.no_grad():
+            torch._foreach_mul_(group.set(i).grads, 2.0)
+
+    return restore
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""

@@ -1,0 +1,75 @@
+// The kernels for AVX-512F: 16 fp32 lanes per register.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "abi.h"
+#include "float_bits.h"
+#include "kernels.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma,f16c")
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12 warns about the `__Y = __Y` inside its own _mm512_undefined_* (GCC bug 105593).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace gradfuse::cpu::avx512 {
+namespace {
+
+struct Vec {
+  static constexpr int kWidth = 16;
+  using F = __m512;
+  using I = __m512i;
+
+  static F zero() { return _mm512_setzero_ps(); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static I set1_i(int32_t v) { return _mm512_set1_epi32(v); }
+
+  static F load_f32(const float* p) { return _mm512_loadu_ps(p); }
+  static F load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static F load_bf16(const uint16_t* p) {
+    const I wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+
+  static void store_f32(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static void store_f16(uint16_t* p, F v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  // As f32_to_bf16 (float_bits.h), 16 lanes at once.
+  static void store_bf16(uint16_t* p, F v) {
+    const I u = _mm512_castps_si512(v);
+    const I lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const I rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    const I quiet_nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    const __mmask16 is_nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    const I out = _mm512_mask_blend_epi32(is_nan, rounded, quiet_nan);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(out));
+  }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static void store_i(int32_t* p, I v) { _mm512_storeu_si512(p, v); }
+
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static I abs_bits(F v, I mask) { return _mm512_and_si512(_mm512_castps_si512(v), mask); }
+  static F as_float(I a) { return _mm512_castsi512_ps(a); }
+  static I max_i(I a, I b) { return _mm512_max_epi32(a, b); }
+  static I min_i(I a, I b) { return _mm512_min_epi32(a, b); }
+  static I count_nonzero(I cnt, I a) { return _mm512_mask_add_epi32(cnt, _mm512_test_epi32_mask(a, a), cnt, _mm512_set1_epi32(1)); }
+};
+
+}  // namespace
+
+#include "kernels_impl.h"
+
+const KernelSet kKernels = {"avx512", &reduce, &scale};
+
+}  // namespace gradfuse::cpu::avx512
+
+#pragma GCC pop_options
+#endif  // __x86_64__

@@ -1,0 +1,86 @@
+// The portable kernels: 4-lane GCC/Clang vector extensions, lowered to the baseline SIMD of the
+// target (SSE2 on x86-64, NEON on AArch64) or to scalar code. The only path off x86-64.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "abi.h"
+#include "float_bits.h"
+#include "kernels.h"
+
+namespace gradfuse::cpu::generic {
+namespace {
+
+struct Vec {
+  static constexpr int kWidth = 4;
+  typedef float F __attribute__((vector_size(16)));
+  typedef int32_t I __attribute__((vector_size(16)));
+  typedef uint32_t U __attribute__((vector_size(16)));
+
+  static F zero() { return F{0.0f, 0.0f, 0.0f, 0.0f}; }
+  static F set1(float v) { return F{v, v, v, v}; }
+  static I set1_i(int32_t v) { return I{v, v, v, v}; }
+
+  static F load_f32(const float* p) {
+    F v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static F load_f16(const uint16_t* p) {
+    uint16_t h[kWidth];
+    std::memcpy(h, p, sizeof h);
+    return F{f16_to_f32(h[0]), f16_to_f32(h[1]), f16_to_f32(h[2]), f16_to_f32(h[3])};
+  }
+  static F load_bf16(const uint16_t* p) {
+    uint16_t h[kWidth];
+    std::memcpy(h, p, sizeof h);
+    const U wide = U{h[0], h[1], h[2], h[3]} << 16;
+    F v;
+    std::memcpy(&v, &wide, sizeof v);
+    return v;
+  }
+
+  static void store_f32(float* p, F v) { std::memcpy(p, &v, sizeof v); }
+  static void store_f16(uint16_t* p, F v) {
+    const uint16_t h[kWidth] = {f32_to_f16(v[0]), f32_to_f16(v[1]), f32_to_f16(v[2]), f32_to_f16(v[3])};
+    std::memcpy(p, h, sizeof h);
+  }
+  static void store_bf16(uint16_t* p, F v) {
+    const uint16_t h[kWidth] = {f32_to_bf16(v[0]), f32_to_bf16(v[1]), f32_to_bf16(v[2]), f32_to_bf16(v[3])};
+    std::memcpy(p, h, sizeof h);
+  }
+  static void store(float* p, F v) { std::memcpy(p, &v, sizeof v); }
+  static void store_i(int32_t* p, I v) { std::memcpy(p, &v, sizeof v); }
+
+  static F add(F a, F b) { return a + b; }
+  static F mul(F a, F b) { return a * b; }
+  static F fmadd(F a, F b, F c) { return a * b + c; }
+  static I abs_bits(F v, I mask) {
+    I a;
+    std::memcpy(&a, &v, sizeof a);
+    return a & mask;
+  }
+  static F as_float(I a) {
+    F v;
+    std::memcpy(&v, &a, sizeof v);
+    return v;
+  }
+  // Comparisons give -1 (all ones) where true, so they select bitwise.
+  static I max_i(I a, I b) {
+    const I a_wins = a > b;
+    return (a & a_wins) | (b & ~a_wins);
+  }
+  static I min_i(I a, I b) {
+    const I a_wins = a < b;
+    return (a & a_wins) | (b & ~a_wins);
+  }
+  static I count_nonzero(I cnt, I a) { return cnt - (a != 0); }
+};
+
+}  // namespace
+
+#include "kernels_impl.h"
+
+const KernelSet kKernels = {"generic", &reduce, &scale};
+
+}  // namespace gradfuse::cpu::generic

@@ -1,0 +1,347 @@
+// The reduce and scale kernels, written once over a vector traits type `Vec`.
+//
+// Textually included by kernels_avx512.cpp, kernels_avx2.cpp and kernels_generic.cpp inside their
+// own namespace, after `#pragma GCC target(...)` and the definition of `Vec` (so every function here
+// is compiled for that instruction set). Include the standard headers, abi.h, float_bits.h and
+// kernels.h before the pragma, never from here. No include guard on purpose.
+//
+// Vec provides, for W = Vec::kWidth fp32 lanes (F) and int32 lanes (I):
+//   zero, set1, set1_i, load_f32/_f16/_bf16 (unaligned, to fp32), store_f32/_f16/_bf16 (from fp32,
+//   round to nearest even), store (W floats), store_i (W int32s), add, mul, fmadd (a * b + c),
+//   abs_bits(v, 0x7fffffff mask) (|x| as an int32 bit pattern), as_float (bit cast), max_i, min_i,
+//   count_nonzero(cnt, a) (cnt + (a != 0)).
+//
+// Numerics of the reduce (the why of the layout):
+//   * A row is kLanes = 64 consecutive elements; element i of a row always feeds fp32 lane i, on every
+//     instruction set (AVX-512: 4 registers, AVX2: 8, generic: 16), so AVX2 and AVX-512 give the
+//     same bits.
+//   * Each lane sums kBlockRows = 32 terms in fp32, then is added to its fp64 lane: the fp32 error
+//     stays ~1e-7 relative per block and the blocks combine exactly enough in fp64 (sum x^2 over
+//     10^6 values of 100 is exact, where one fp32 accumulator is off by 6e-4).
+//   * max/min/count are exact integer reductions over the |x| bit patterns, which order like the
+//     values; NaN patterns order above Inf, so max_bits > Inf's marks a NaN and max_bits >= Inf's
+//     a non-finite value. Their lane layout does not matter.
+//   * |x|^p is computed and summed in fp64 (pow_abs), each of the 64 lanes in row order.
+
+namespace {
+
+using F = Vec::F;
+using I = Vec::I;
+
+constexpr int kW = Vec::kWidth;
+constexpr int kLanes = 64;
+constexpr int kRegs = kLanes / kW;
+constexpr int64_t kBlockRows = 32;
+constexpr int32_t kInfBits = 0x7f800000;
+
+static_assert(kLanes % kW == 0, "a row must be whole vectors");
+
+template <int64_t D>
+struct Storage {
+  using T = uint16_t;  // fp16 and bf16
+};
+template <>
+struct Storage<kF32> {
+  using T = float;
+};
+
+template <int64_t D>
+inline F load(const typename Storage<D>::T* p) {
+  if constexpr (D == kF32) return Vec::load_f32(p);
+  else if constexpr (D == kF16) return Vec::load_f16(p);
+  else return Vec::load_bf16(p);
+}
+
+template <int64_t D>
+inline void store(typename Storage<D>::T* p, F v) {
+  if constexpr (D == kF32) Vec::store_f32(p, v);
+  else if constexpr (D == kF16) Vec::store_f16(p, v);
+  else Vec::store_bf16(p, v);
+}
+
+// One element, for the tail of a span (memcpy: any alignment).
+template <int64_t D>
+inline float load_one(const typename Storage<D>::T* p) {
+  typename Storage<D>::T v;
+  std::memcpy(&v, p, sizeof v);
+  if constexpr (D == kF32) return v;
+  else if constexpr (D == kF16) return f16_to_f32(v);
+  else return bf16_to_f32(v);
+}
+
+// pow_abs runs on 8 fp64 lanes through the compiler's vector extension (one zmm, two ymm or four
+// xmm registers): explicit SIMD without control flow. Written as scalar code, GCC keeps the
+// selects as branches around FP operations (which could trap) and does not vectorise the loop.
+typedef double F64x8 __attribute__((vector_size(64)));
+typedef uint64_t U64x8 __attribute__((vector_size(64)));
+typedef float F32x8 __attribute__((vector_size(32)));
+constexpr int kPowLanes = 8;
+static_assert(kLanes % kPowLanes == 0, "a row must be whole pow_abs vectors");
+#if defined(__GNUC__) && !defined(__clang__)
+// These vectors never cross an ABI boundary (internal linkage, inlined), so GCC's note that their
+// calling convention depends on AVX-512 does not apply (for returns; parameters go by reference).
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+inline F64x8 splat(double v) { return F64x8{v, v, v, v, v, v, v, v}; }
+
+inline U64x8 splat_u(uint64_t v) { return U64x8{v, v, v, v, v, v, v, v}; }
+
+// mask ? a : b, lane by lane (mask lanes all ones or all zeros, as comparisons give).
+inline F64x8 select(const U64x8& mask, const F64x8& a, const F64x8& b) { return (F64x8)(((U64x8)a & mask) | ((U64x8)b & ~mask)); }
+
+// |x|^p = exp(p ln|x|) in fp64, lane by lane.
+//   ln|x| = e ln2 + ln m with |x| = m 2^e, m in [sqrt(1/2), sqrt(2)), and
+//   ln m = 2 atanh(s) = 2 (s + s^3/3 + ... + s^17/17), s = (m - 1)/(m + 1), |s| <= 0.172;
+//   exp(y) = 2^k exp(r), k = round(y / ln2), |r| <= ln2/2, exp(r) by its degree-12 Taylor polynomial.
+// Relative error ~1e-15 for the fp32 inputs it gets. Special cases as IEEE pow: 0^p = 0 (p > 0) or
+// Inf (p < 0), Inf^p = Inf or 0, NaN^p = NaN; results below 2^-1022 flush to 0.
+inline F64x8 pow_abs(const F64x8& xs, double p) {
+  constexpr double kInf = __builtin_inf();
+  constexpr double kLn2 = 0x1.62e42fefa39efp-1;
+  constexpr double kLn2Hi = 0x1.62e42fefa3800p-1;  // few mantissa bits: k * kLn2Hi is exact
+  constexpr double kLn2Lo = 0x1.ef35793c76730p-45;
+  constexpr double kLog2e = 0x1.71547652b82fep0;
+  constexpr double kRound = 0x1.8p52;  // adding it rounds to an integer kept in the low mantissa bits
+  const U64x8 b = (U64x8)xs & 0x7fffffffffffffffull;
+  const F64x8 x = (F64x8)b;
+  // m in [sqrt(1/2), sqrt(2)) and e from the bits; the mantissa of sqrt(2) is 0x6a09e667f3bcd.
+  const U64x8 frac = b & 0x000fffffffffffffull;
+  const U64x8 high = (U64x8)(frac > splat_u(0x6a09e667f3bcdull)) & 1;
+  const F64x8 m = (F64x8)(frac | (0x3ff0000000000000ull - (high << 52)));
+  const F64x8 e = (F64x8)(((b >> 52) + high) | 0x4330000000000000ull) - (0x1p52 + 1023.0);
+  const F64x8 s = (m - 1.0) / (m + 1.0);
+  const F64x8 s2 = s * s;
+  F64x8 t = splat(1.0 / 17);
+  t = t * s2 + 1.0 / 15;
+  t = t * s2 + 1.0 / 13;
+  t = t * s2 + 1.0 / 11;
+  t = t * s2 + 1.0 / 9;
+  t = t * s2 + 1.0 / 7;
+  t = t * s2 + 1.0 / 5;
+  t = t * s2 + 1.0 / 3;
+  t = t * s2 + 1.0;
+  const F64x8 y = p * (e * kLn2 + 2.0 * s * t);
+  // Where exp(y) leaves fp64's range (|k| > ~1023) the steps below give garbage that the selects at
+  // the end replace, so y needs no clamp.
+  const F64x8 k = (y * kLog2e + kRound) - kRound;
+  const F64x8 r = (y - k * kLn2Hi) - k * kLn2Lo;
+  F64x8 q = splat(1.0 / 479001600);  // 1/12!
+  q = q * r + 1.0 / 39916800;
+  q = q * r + 1.0 / 3628800;
+  q = q * r + 1.0 / 362880;
+  q = q * r + 1.0 / 40320;
+  q = q * r + 1.0 / 5040;
+  q = q * r + 1.0 / 720;
+  q = q * r + 1.0 / 120;
+  q = q * r + 1.0 / 24;
+  q = q * r + 1.0 / 6;
+  q = q * r + 0.5;
+  q = q * r + 1.0;
+  q = q * r + 1.0;
+  // 2^k from its exponent field (k + 1023 lands in the low mantissa bits of k + kRound + 1023).
+  const F64x8 two_k = (F64x8)((U64x8)(k + (kRound + 1023.0)) << 52);
+  F64x8 result = q * two_k;
+  result = select((U64x8)(k > splat(1023.0)), splat(kInf), result);
+  result = select((U64x8)(k < splat(-1022.0)), splat(0.0), result);
+  result = select((U64x8)(x == splat(0.0)), splat(p > 0 ? 0.0 : kInf), result);
+  result = select((U64x8)(x == splat(kInf)), splat(p > 0 ? kInf : 0.0), result);
+  return select((U64x8)(x != x), x, result);
+}
+
+// One core alone does not keep enough cache misses in flight to reach the memory bandwidth on
+// server parts (~10 GB/s per core here); asking for the lines kPrefetchBytes ahead of those being
+// read lifted one core's rate by 10-20% in our measurements. A prefetch past the end of the data is
+// harmless (it never faults).
+constexpr int kPrefetchBytes = 2048;
+
+// The cache lines of the kCount elements kPrefetchBytes after p (for writing too when kWrite). The
+// address is formed as an integer: it may lie past the end of the array.
+template <int kCount, bool kWrite, class T>
+inline void prefetch_ahead(const T* p) {
+  const uintptr_t ahead = reinterpret_cast<uintptr_t>(p) + kPrefetchBytes;
+  for (int b = 0; b < static_cast<int>(kCount * sizeof(T)); b += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(ahead + b), kWrite, 3);
+}
+
+// Per-lane fp64 sums and the order-free integer reductions of one span.
+struct SpanAcc {
+  double sum[kLanes] = {};
+  int64_t count = 0;
+  int32_t max_bits = 0;         // max |x| bit pattern: 0 is max's identity
+  int32_t min_bits = kInfBits;  // min |x| bit pattern: +Inf is min's identity
+};
+
+inline int32_t hmax(I v) {
+  int32_t lanes[kW];
+  Vec::store_i(lanes, v);
+  int32_t m = lanes[0];
+  for (int l = 1; l < kW; ++l) m = lanes[l] > m ? lanes[l] : m;
+  return m;
+}
+
+inline int32_t hmin(I v) {
+  int32_t lanes[kW];
+  Vec::store_i(lanes, v);
+  int32_t m = lanes[0];
+  for (int l = 1; l < kW; ++l) m = lanes[l] < m ? lanes[l] : m;
+  return m;
+}
+
+inline int64_t hsum(I v) {
+  int32_t lanes[kW];
+  Vec::store_i(lanes, v);
+  int64_t s = 0;
+  for (int l = 0; l < kW; ++l) s += lanes[l];
+  return s;
+}
+
+// Rows [r0, r1) of x (r1 - r0 <= kBlockRows): fp32 lane sums added to acc.sum, integer reductions
+// merged into acc.
+template <int64_t D, int K>
+inline void reduce_block(const typename Storage<D>::T* x, int64_t r0, int64_t r1, double p, SpanAcc& acc) {
+  const I abs_mask = Vec::set1_i(0x7fffffff);
+  F s[kRegs];
+  for (int j = 0; j < kRegs; ++j) s[j] = Vec::zero();
+  I mx = Vec::set1_i(0);
+  I mn = Vec::set1_i(kInfBits);
+  I cnt = Vec::set1_i(0);
+  for (int64_t r = r0; r < r1; ++r) {
+    const typename Storage<D>::T* row = x + r * kLanes;
+    prefetch_ahead<kLanes, false>(row);
+    if constexpr (K == kNormP) {
+      float xs[kLanes];
+      for (int j = 0; j < kRegs; ++j) {
+        const F v = load<D>(row + j * kW);
+        mx = Vec::max_i(mx, Vec::abs_bits(v, abs_mask));
+        Vec::store(xs + j * kW, v);
+      }
+      for (int l = 0; l < kLanes; l += kPowLanes) {
+        F32x8 v;
+        F64x8 sum;
+        std::memcpy(&v, xs + l, sizeof v);
+        std::memcpy(&sum, acc.sum + l, sizeof sum);
+        sum += pow_abs(__builtin_convertvector(v, F64x8), p);
+        std::memcpy(acc.sum + l, &sum, sizeof sum);
+      }
+    } else {
+      for (int j = 0; j < kRegs; ++j) {
+        const F v = load<D>(row + j * kW);
+        const I a = Vec::abs_bits(v, abs_mask);
+        mx = Vec::max_i(mx, a);
+        if constexpr (K == kNormL2) s[j] = Vec::fmadd(v, v, s[j]);
+        else if constexpr (K == kNormL1) s[j] = Vec::add(s[j], Vec::as_float(a));
+        else if constexpr (K == kNormNegInf) mn = Vec::min_i(mn, a);
+        else if constexpr (K == kNormL0) cnt = Vec::count_nonzero(cnt, a);
+      }
+    }
+  }
+  if constexpr (K == kNormL2 || K == kNormL1) {
+    float lanes[kLanes];
+    for (int j = 0; j < kRegs; ++j) Vec::store(lanes + j * kW, s[j]);
+    for (int l = 0; l < kLanes; ++l) acc.sum[l] += lanes[l];
+  }
+  const int32_t block_max = hmax(mx);
+  acc.max_bits = block_max > acc.max_bits ? block_max : acc.max_bits;
+  if constexpr (K == kNormNegInf) {
+    const int32_t block_min = hmin(mn);
+    acc.min_bits = block_min < acc.min_bits ? block_min : acc.min_bits;
+  }
+  if constexpr (K == kNormL0) acc.count += hsum(cnt);
+}
+
+template <int K>
+inline SpanPartial finish(const SpanAcc& acc) {
+  const bool has_nan = acc.max_bits > kInfBits;
+  double value;
+  if constexpr (K == kNormInf) {
+    value = float_of(static_cast<uint32_t>(acc.max_bits));  // a NaN pattern if the span has a NaN
+  } else if constexpr (K == kNormNegInf) {
+    value = has_nan ? __builtin_nan("") : float_of(static_cast<uint32_t>(acc.min_bits));
+  } else if constexpr (K == kNormL0) {
+    value = static_cast<double>(acc.count);
+  } else {
+    value = 0.0;
+    for (int l = 0; l < kLanes; ++l) value += acc.sum[l];  // fixed order: same bits every run
+  }
+  return {value, acc.max_bits >= kInfBits};
+}
+
+template <int64_t D, int K>
+SpanPartial reduce_span(const void* data, int64_t n, double p) {
+  using T = typename Storage<D>::T;
+  const T* x = static_cast<const T*>(data);
+  SpanAcc acc;
+  const int64_t rows = n / kLanes;
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows)
+    reduce_block<D, K>(x, r0, r0 + kBlockRows < rows ? r0 + kBlockRows : rows, p, acc);
+  // The last partial row, element by element into the same lanes: the term in fp32 as in the body
+  // (x^2 under- and overflows where torch's does), added in fp64.
+  for (int64_t i = rows * kLanes; i < n; ++i) {
+    const float f = load_one<D>(x + i);
+    const int32_t a = static_cast<int32_t>(bits_of(f) & 0x7fffffffu);
+    const int l = static_cast<int>(i - rows * kLanes);
+    acc.max_bits = a > acc.max_bits ? a : acc.max_bits;
+    if constexpr (K == kNormL2) acc.sum[l] += f * f;
+    else if constexpr (K == kNormL1) acc.sum[l] += std::fabs(f);
+    else if constexpr (K == kNormP) acc.sum[l] += pow_abs(splat(f), p)[0];
+    else if constexpr (K == kNormNegInf) acc.min_bits = a < acc.min_bits ? a : acc.min_bits;
+    else if constexpr (K == kNormL0) acc.count += a != 0;
+  }
+  return finish<K>(acc);
+}
+
+template <int64_t D>
+SpanPartial reduce_dtype(const void* data, int64_t n, int kind, double p) {
+  switch (kind) {
+    case kNormL2: return reduce_span<D, kNormL2>(data, n, p);
+    case kNormL1: return reduce_span<D, kNormL1>(data, n, p);
+    case kNormP: return reduce_span<D, kNormP>(data, n, p);
+    case kNormInf: return reduce_span<D, kNormInf>(data, n, p);
+    case kNormNegInf: return reduce_span<D, kNormNegInf>(data, n, p);
+    default: return reduce_span<D, kNormL0>(data, n, p);  // the caller validated kind
+  }
+}
+
+SpanPartial reduce(const void* data, int64_t n, int64_t dtype, int kind, double p) {
+  switch (dtype) {
+    case kF32: return reduce_dtype<kF32>(data, n, kind, p);
+    case kF16: return reduce_dtype<kF16>(data, n, kind, p);
+    default: return reduce_dtype<kBF16>(data, n, kind, p);  // the caller validated dtype
+  }
+}
+
+template <int64_t D>
+void scale_span(void* data, int64_t n, float s) {
+  using T = typename Storage<D>::T;
+  T* x = static_cast<T*>(data);
+  const F vs = Vec::set1(s);
+  int64_t i = 0;
+  for (; i + 4 * kW <= n; i += 4 * kW) {
+    prefetch_ahead<4 * kW, true>(x + i);
+    const F a = load<D>(x + i), b = load<D>(x + i + kW);
+    const F c = load<D>(x + i + 2 * kW), d = load<D>(x + i + 3 * kW);
+    store<D>(x + i, Vec::mul(a, vs));
+    store<D>(x + i + kW, Vec::mul(b, vs));
+    store<D>(x + i + 2 * kW, Vec::mul(c, vs));
+    store<D>(x + i + 3 * kW, Vec::mul(d, vs));
+  }
+  for (; i + kW <= n; i += kW) store<D>(x + i, Vec::mul(load<D>(x + i), vs));
+  if (i < n) {  // the last partial vector, through a padded copy (same rounding as the body)
+    T buf[kW] = {};
+    const size_t bytes = static_cast<size_t>(n - i) * sizeof(T);
+    std::memcpy(buf, x + i, bytes);
+    store<D>(buf, Vec::mul(load<D>(buf), vs));
+    std::memcpy(x + i, buf, bytes);
+  }
+}
+
+void scale(void* data, int64_t n, int64_t dtype, float s) {
+  switch (dtype) {
+    case kF32: return scale_span<kF32>(data, n, s);
+    case kF16: return scale_span<kF16>(data, n, s);
+    default: return scale_span<kBF16>(data, n, s);  // the caller validated dtype
+  }
+}
+
+}  // namespace

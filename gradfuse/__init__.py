@@ -1,0 +1,44 @@
+"""gradfuse: gradient clipping in one read of the gradients.
+
+Drop-in replacements for ``torch.nn.utils``'s clipping functions, backed by fused Triton, CUDA and
+C++ kernels that compute the global norm, the per-tensor norms, the NaN/Inf check and the clip
+coefficient on the device in one pass, and scale only when clipping is needed.
+"""
+
+from ._backends import BACKEND_NAMES, BackendUnavailableError, available_backends
+from ._engine import ClipResult
+from .clip import (
+    clip_grad_norm,
+    clip_grad_norm_,
+    clip_grad_value_,
+    clip_grads,
+    clip_grads_with_norm_,
+    get_total_norm,
+)
+from .training import (
+    NonFiniteCounter,
+    OptimizerClipper,
+    clip_grad_norm_for_optimizer_,
+    handoff_unsupported_reason,
+    unscale_and_clip_,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKEND_NAMES",
+    "BackendUnavailableError",
+    "ClipResult",
+    "available_backends",
+    "clip_grad_norm",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grads",
+    "clip_grads_with_norm_",
+    "get_total_norm",
+    "NonFiniteCounter",
+    "OptimizerClipper",
+    "clip_grad_norm_for_optimizer_",
+    "handoff_unsupported_reason",
+    "unscale_and_clip_",
+]

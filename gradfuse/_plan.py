@@ -1,0 +1,126 @@
+"""Plans: the per-device tables a fused backend walks, cached while the same storages come back.
+
+A plan maps a list of gradients on one device to the tables of ``gradfuse._abi`` (addresses,
+numels, dtype tags, chunk map) plus the backend's reusable workspace. Training loops hand the same
+gradient storages every step, so the plan is built once and found again by its fingerprint
+(addresses, numels, dtypes); building it is the only host-to-device copy on the path.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from ._abi import DTYPE_TAGS
+
+_CACHE_SIZE = 16
+
+
+@dataclass(eq=False)
+class DevicePlan:
+    device: torch.device
+    chunk_size: int
+    num_tensors: int
+    num_chunks: int
+    total_numel: int
+    # Tables (int64, on ``device``), views into one buffer so a plan costs one copy.
+    addrs: torch.Tensor
+    numels: torch.Tensor
+    dtypes: torch.Tensor
+    tensor_chunk_begin: torch.Tensor
+    chunk_tensor: torch.Tensor
+    chunk_start: torch.Tensor
+    # Workspace reused between calls.
+    chunk_partials: torch.Tensor  # float32[C]
+    chunk_nonfinite: torch.Tensor  # int32[C]
+    ticket: torch.Tensor  # int32[1], zero between calls
+    max_tensor_chunks: int  # chunks of the largest tensor (sizes the finalize loops)
+
+
+def fingerprint(grads: list[torch.Tensor], dtypes: tuple[torch.dtype, ...] | None = None) -> tuple:
+    """What makes a plan reusable: the same addresses, sizes and dtypes in the same order
+    (``dtypes`` when the caller has them already)."""
+    if dtypes is None:
+        dtypes = tuple(g.dtype for g in grads)
+    return (tuple(map(torch.Tensor.data_ptr, grads)), tuple(map(torch.Tensor.numel, grads)), dtypes)
+
+
+def build_plan(grads: list[torch.Tensor], chunk_size: int) -> DevicePlan:
+    """Tables for ``grads`` (dense, one device, fp32/fp16/bf16), chunked by ``chunk_size``."""
+    device = grads[0].device
+    num_tensors = len(grads)
+    numels = [g.numel() for g in grads]
+    chunks_per_tensor = [-(-n // chunk_size) for n in numels]
+    begin = [0]
+    for k in chunks_per_tensor:
+        begin.append(begin[-1] + k)
+    num_chunks = begin[-1]
+
+    # One int64 host buffer: addrs | numels | dtypes | tensor_chunk_begin | chunk_tensor | chunk_start
+    meta = torch.empty(4 * num_tensors + 1 + 2 * num_chunks, dtype=torch.int64)
+    t = num_tensors
+    meta[0:t] = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+    meta[t : 2 * t] = torch.tensor(numels, dtype=torch.int64)
+    meta[2 * t : 3 * t] = torch.tensor([DTYPE_TAGS[g.dtype] for g in grads], dtype=torch.int64)
+    meta[3 * t : 4 * t + 1] = torch.tensor(begin, dtype=torch.int64)
+    counts = torch.tensor(chunks_per_tensor, dtype=torch.int64)
+    chunk_tensor = torch.repeat_interleave(torch.arange(num_tensors, dtype=torch.int64), counts)
+    first_chunk = torch.tensor(begin[:-1], dtype=torch.int64)
+    chunk_index_in_tensor = torch.arange(num_chunks, dtype=torch.int64) - first_chunk[chunk_tensor]
+    c0 = 4 * t + 1
+    meta[c0 : c0 + num_chunks] = chunk_tensor
+    meta[c0 + num_chunks :] = chunk_index_in_tensor * chunk_size
+    if device.type != "cpu":
+        meta = meta.pin_memory().to(device, non_blocking=True)
+
+    return DevicePlan(
+        device=device,
+        chunk_size=chunk_size,
+        num_tensors=num_tensors,
+        num_chunks=num_chunks,
+        total_numel=sum(numels),
+        addrs=meta[0:t],
+        numels=meta[t : 2 * t],
+        dtypes=meta[2 * t : 3 * t],
+        tensor_chunk_begin=meta[3 * t : 4 * t + 1],
+        chunk_tensor=meta[c0 : c0 + num_chunks],
+        chunk_start=meta[c0 + num_chunks :],
+        chunk_partials=torch.empty(max(num_chunks, 1), dtype=torch.float32, device=device),
+        chunk_nonfinite=torch.empty(max(num_chunks, 1), dtype=torch.int32, device=device),
+        ticket=torch.zeros(1, dtype=torch.int32, device=device),
+        max_tensor_chunks=max(chunks_per_tensor, default=0),
+    )
+
+
+class PlanCache:
+    """LRU of plans keyed by (backend, chunk size, fingerprint)."""
+
+    def __init__(self, size: int = _CACHE_SIZE):
+        self._size = size
+        self._plans: OrderedDict[tuple, DevicePlan] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def lookup(self, backend_name: str, chunk_size: int, key: tuple) -> DevicePlan | None:
+        plan = self._plans.get((backend_name, chunk_size, key))
+        if plan is None:
+            self.misses += 1
+        else:
+            self._plans.move_to_end((backend_name, chunk_size, key))
+            self.hits += 1
+        return plan
+
+    def insert(self, backend_name: str, chunk_size: int, key: tuple, plan: DevicePlan) -> DevicePlan:
+        self._plans[(backend_name, chunk_size, key)] = plan
+        if len(self._plans) > self._size:
+            self._plans.popitem(last=False)
+        return plan
+
+    def clear(self) -> None:
+        self._plans.clear()
+        self.hits = self.misses = 0
+
+
+PLANS = PlanCache()

@@ -1,0 +1,134 @@
+"""Argument checks for the public functions: every bad input fails here, before any gradient is read
+or written, with an error that names the argument and the problem."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+import types
+import warnings
+from collections.abc import Iterable
+from itertools import repeat
+
+import torch
+
+
+def as_list(parameters, fn: str, *, warn_empty_generator: bool = False) -> list:
+    """torch's input forms: one tensor, or any iterable (listed once, so generators work)."""
+    if isinstance(parameters, torch.Tensor):
+        return [parameters]
+    if not isinstance(parameters, Iterable):
+        raise TypeError(f"{fn}: parameters must be a tensor or an iterable of tensors, not {type(parameters).__name__}")
+    is_generator = isinstance(parameters, types.GeneratorType)
+    items = list(parameters)
+    if warn_empty_generator and is_generator and not items:
+        warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=4)
+    if not all(map(isinstance, items, repeat(torch.Tensor))):  # map: this runs every step
+        i, item = next((i, x) for i, x in enumerate(items) if not isinstance(x, torch.Tensor))
+        raise TypeError(f"{fn}: parameters[{i}] is a {type(item).__name__}, not a torch.Tensor")
+    return items
+
+
+_GRAD = operator.attrgetter("grad")
+DTYPE = operator.attrgetter("dtype")
+
+
+def grads_of(parameters: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients to clip: ``p.grad`` of every parameter that has one."""
+    return [g for g in map(_GRAD, parameters) if g is not None]
+
+
+def check_tensors(tensors: list, fn: str) -> list[torch.Tensor]:
+    """get_total_norm takes gradients themselves: every item must be a tensor."""
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            hint = " (pass gradients, e.g. [p.grad for p in params if p.grad is not None])" if t is None else ""
+            raise TypeError(f"{fn}: tensors[{i}] is {type(t).__name__}, not a torch.Tensor{hint}")
+    return tensors
+
+
+def _as_float(value, name: str, fn: str) -> float:
+    if isinstance(value, str):
+        try:
+            return float(value)  # torch accepts 'inf'
+        except ValueError:
+            raise TypeError(f"{fn}: {name} must be a number, got the string {value!r}") from None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{fn}: {name} must be a number or a one-element tensor, got shape {list(value.shape)}")
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a real number, not {type(value).__name__}")
+    return float(value)
+
+
+def check_max_norm(max_norm, fn: str) -> float | torch.Tensor:
+    """A non-negative number (inf allowed). A one-element floating tensor on a GPU is kept as a
+    tensor and read by the kernels on the device, with no host sync (its value is not checked)."""
+    if isinstance(max_norm, torch.Tensor) and max_norm.device.type != "cpu":
+        if max_norm.numel() != 1 or not max_norm.is_floating_point():
+            raise ValueError(f"{fn}: max_norm must be a one-element floating tensor, got {max_norm.dtype} of shape {list(max_norm.shape)}")
+        return max_norm
+    value = _as_float(max_norm, "max_norm", fn)
+    if math.isnan(value):
+        raise ValueError(f"{fn}: max_norm is NaN")
+    if value < 0:
+        raise ValueError(f"{fn}: max_norm must be >= 0, got {value} (a negative max_norm would flip the gradients' sign)")
+    return value
+
+
+def check_clip_value(clip_value, fn: str) -> float:
+    value = _as_float(clip_value, "clip_value", fn)
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{fn}: clip_value must be a number >= 0, got {value}")
+    return value
+
+
+def check_norm_type(norm_type, fn: str) -> float:
+    value = _as_float(norm_type, "norm_type", fn)
+    if math.isnan(value):
+        raise ValueError(f"{fn}: norm_type is NaN")
+    return value
+
+
+def check_grads(grads: list[torch.Tensor], p: float, foreach: bool | None, fn: str) -> tuple[torch.dtype, ...]:
+    """Dtypes a norm exists for, and torch's errors for norms of empty tensors that have no identity.
+    Returns the gradients' dtypes (the engine reuses them)."""
+    dtypes = tuple(map(DTYPE, grads))
+    for dtype in set(dtypes):
+        if not (dtype.is_floating_point or dtype.is_complex):
+            i = dtypes.index(dtype)
+            raise TypeError(f"{fn}: gradient {i} has dtype {dtype}; clipping needs floating-point or complex gradients")
+    if p == math.inf or p < 0:
+        for g in grads:
+            if g.numel() == 0:
+                if p == math.inf and foreach is not False and g.device.type in ("cpu", "cuda"):
+                    raise RuntimeError(
+                        "_foreach_norm cannot compute the infinity norm on an empty tensor because the "
+                        "operation does not have an identity"
+                    )
+                raise RuntimeError(
+                    f"linalg.vector_norm cannot compute the {p:g} norm on an empty tensor because the "
+                    "operation does not have an identity"
+                )
+    return dtypes
+
+
+def check_total_norm(total_norm, fn: str) -> torch.Tensor:
+    if not isinstance(total_norm, torch.Tensor):
+        raise TypeError(f"{fn}: total_norm must be a 0-dim tensor (as get_total_norm returns), not {type(total_norm).__name__}")
+    if total_norm.dim() != 0:
+        raise RuntimeError(f"{fn}: total_norm must be a 0-dim tensor (as get_total_norm returns), got shape {list(total_norm.shape)}")
+    if not total_norm.is_floating_point():
+        raise TypeError(f"{fn}: total_norm must be a floating-point tensor, got {total_norm.dtype}")
+    return total_norm
+
+
+NONFINITE_POLICIES = ("propagate", "skip", "zero", "error")
+
+
+def check_nonfinite(nonfinite: str, fn: str) -> str:
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"{fn}: nonfinite={nonfinite!r}; choose one of {', '.join(map(repr, NONFINITE_POLICIES))}")
+    return nonfinite

@@ -1,0 +1,170 @@
+"""Public API: drop-in replacements for ``torch.nn.utils``'s clipping functions, plus ``clip_grads``.
+
+Same names, signatures, defaults and return values as torch 2.13; gradfuse's own options are
+keyword-only and come after torch's. Each function validates, then calls ``gradfuse._engine``
+(or, under ``torch.compile``, the same engine through the ``gradfuse::clip_`` custom op).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from typing_extensions import deprecated
+
+from . import _abi, _engine, _reference, _validation as v, ops
+from ._backends import requested_backend
+from ._engine import ClipResult
+
+_POLICIES = {"propagate": _abi.POLICY_PROPAGATE, "skip": _abi.POLICY_SKIP, "zero": _abi.POLICY_ZERO, "error": _abi.POLICY_PROPAGATE}
+
+
+def _no_grad(fn):
+    def wrapper(*args, **kwargs):
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return functools.update_wrapper(wrapper, fn)
+
+
+def _run(grads, dtypes, max_norm, p, *, apply, backend, error_if_nonfinite, foreach, policy=_abi.POLICY_PROPAGATE, inv_scale=None) -> ClipResult:
+    name = requested_backend(backend)
+    if ops.is_compiling():
+        return ops.clip_compiled(
+            grads, max_norm, p, apply=apply, backend=name, error_if_nonfinite=error_if_nonfinite, policy=policy, inv_scale=inv_scale
+        )
+    return _engine.clip(
+        grads, max_norm, p, apply=apply, backend=name, error_if_nonfinite=error_if_nonfinite, foreach=foreach, policy=policy,
+        inv_scale=inv_scale, dtypes=dtypes,
+    )
+
+
+@_no_grad
+def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = False, foreach: bool | None = None, *, backend: str | None = None) -> torch.Tensor:
+    r"""Norm of all ``tensors`` viewed as one vector: :math:`(\sum_t \|t\|_p^p)^{1/p}`.
+
+    Like ``torch.nn.utils.get_total_norm``, accumulated in fp32 for fp16/bf16 tensors and returned
+    in torch's dtype. ``backend``: "auto" (default, or ``GRADFUSE_BACKEND``), "cuda", "triton",
+    "cpu" or "torch".
+    """
+    fn = "get_total_norm"
+    tensors = v.check_tensors([tensors] if isinstance(tensors, torch.Tensor) else list(tensors), fn)
+    p = v.check_norm_type(norm_type, fn)
+    if not tensors:
+        return torch.tensor(0.0)
+    dtypes = v.check_grads(tensors, p, foreach, fn)
+    r = _run(tensors, dtypes, 0.0, p, apply=False, backend=backend, error_if_nonfinite=error_if_nonfinite, foreach=foreach)
+    return r.torch_norm
+
+
+@_no_grad
+def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor, foreach: bool | None = None, *, backend: str | None = None) -> None:
+    r"""Scale the gradients by :math:`\min(1, \text{max\_norm} / (\text{total\_norm} + 10^{-6}))`.
+
+    Like ``torch.nn.utils.clip_grads_with_norm_``; the coefficient is computed in fp32 (fp64 for an
+    fp64 ``total_norm``) and the scale pass is skipped on the device when it is 1.
+    """
+    fn = "clip_grads_with_norm_"
+    grads = v.grads_of(v.as_list(parameters, fn))
+    max_norm = v.check_max_norm(max_norm, fn)
+    total_norm = v.check_total_norm(total_norm, fn)
+    if not grads:
+        return
+    v.check_grads(grads, 2.0, foreach, fn)
+    acc = torch.float64 if total_norm.dtype == torch.float64 else torch.float32
+    coef = _reference.clip_coefficient(total_norm.to(acc), max_norm)
+    name = requested_backend(backend)
+    if ops.is_compiling():
+        torch.ops.gradfuse.scale_(grads, coef.reshape(1).float(), False, name)
+    else:
+        _engine.scale_(grads, coef, backend=name, foreach=foreach)
+
+
+@_no_grad
+def clip_grad_norm_(
+    parameters,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    r"""Clip the gradients' global norm in place; return the norm before clipping.
+
+    Drop-in for ``torch.nn.utils.clip_grad_norm_``: ``total = (\sum_g \|g\|_p^p)^{1/p}``,
+    ``g *= min(1, max_norm / (total + 1e-6))``. One read of every gradient computes the norm, the
+    NaN/Inf check and the coefficient on the device; a second pass scales only when the coefficient
+    is below 1. fp16/bf16 gradients accumulate in fp32 (no overflow above 65504); the returned norm
+    has torch's dtype. ``error_if_nonfinite=True`` raises before any gradient is touched.
+    """
+    fn = "clip_grad_norm_"
+    grads = v.grads_of(v.as_list(parameters, fn, warn_empty_generator=True))
+    max_norm = v.check_max_norm(max_norm, fn)
+    p = v.check_norm_type(norm_type, fn)
+    if not grads:
+        return torch.tensor(0.0)
+    dtypes = v.check_grads(grads, p, foreach, fn)
+    r = _run(grads, dtypes, max_norm, p, apply=True, backend=backend, error_if_nonfinite=error_if_nonfinite, foreach=foreach)
+    return r.torch_norm
+
+
+@deprecated(
+    "`torch.nn.utils.clip_grad_norm` is now deprecated in favor of `torch.nn.utils.clip_grad_norm_`.",
+    category=FutureWarning,
+)
+def clip_grad_norm(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False, foreach: bool | None = None, *, backend: str | None = None) -> torch.Tensor:
+    """Deprecated alias of :func:`clip_grad_norm_` (torch's FutureWarning)."""
+    return clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach, backend=backend)
+
+
+@_no_grad
+def clip_grad_value_(parameters, clip_value: float, foreach: bool | None = None) -> None:
+    r"""Clamp every gradient element to :math:`[-\text{clip\_value}, \text{clip\_value}]` in place.
+
+    Drop-in for ``torch.nn.utils.clip_grad_value_`` (torch's foreach clamp; a negative or NaN
+    ``clip_value`` is an error instead of flipping or poisoning the gradients).
+    """
+    fn = "clip_grad_value_"
+    params = v.as_list(parameters, fn)
+    clip_value = v.check_clip_value(clip_value, fn)
+    grads = v.grads_of(params)
+    if not grads:
+        raise RuntimeError("Expected !nested_tensorlist[0].empty() to be true, but got false.")
+    v.check_grads(grads, 2.0, foreach, fn)
+    torch.nn.utils.clip_grad_value_(params, clip_value, foreach=foreach)
+
+
+@_no_grad
+def clip_grads(
+    parameters,
+    max_norm: float | torch.Tensor,
+    norm_type: float = 2.0,
+    *,
+    nonfinite: str = "propagate",
+    inv_scale: torch.Tensor | None = None,
+    apply: bool = True,
+    foreach: bool | None = None,
+    backend: str | None = None,
+) -> ClipResult | None:
+    r"""The full clip: norms, NaN/Inf check, coefficient, optional unscale, all on the device.
+
+    ``scale = min(1, max_norm / (total + 1e-6)) * inv_scale`` where ``total`` is the norm of the
+    gradients times ``inv_scale`` (AMP's 1/loss_scale, a device tensor; None = 1). ``nonfinite``:
+    "propagate" (torch's behaviour), "skip" (gradients untouched when a NaN/Inf is found), "zero"
+    (gradients zeroed), "error" (raise, one host sync, before any gradient is touched).
+    ``max_norm`` may be a device tensor (adaptive thresholds: no host sync). ``apply=False``
+    computes without scaling. Returns a :class:`ClipResult`, or None when no parameter has a grad.
+    """
+    fn = "clip_grads"
+    grads = v.grads_of(v.as_list(parameters, fn))
+    max_norm = v.check_max_norm(max_norm, fn)
+    p = v.check_norm_type(norm_type, fn)
+    nonfinite = v.check_nonfinite(nonfinite, fn)
+    if not grads:
+        return None
+    dtypes = v.check_grads(grads, p, foreach, fn)
+    return _run(
+        grads, dtypes, max_norm, p, apply=apply, backend=backend, error_if_nonfinite=nonfinite == "error",
+        foreach=foreach, policy=_POLICIES[nonfinite], inv_scale=inv_scale,
+    )  # fmt: skip

@@ -1,0 +1,184 @@
+"""Taming exploding gradients: adaptive clip thresholds and per-layer norm telemetry, on the device.
+
+Everything here updates device tensors with torch ops and never reads them back, so a training step
+stays free of host syncs; ``GradClipper.stats()`` is the one place that reads (call it when you log).
+
+Thresholds (each gives ``max_norm`` as a device tensor, which the kernels read on the device):
+
+* ``ZScoreThreshold`` (ZClip, arXiv:2504.02507): EMA mean ``mu`` and variance ``var`` of the total
+  norm; a norm whose z-score ``(n - mu) / sigma`` exceeds ``z_thresh`` is clipped to
+  ``mu + z_thresh * sigma``; during warm-up the fixed ``max_norm`` applies.
+* ``QuantileThreshold`` (AutoClip, arXiv:2007.14469): clip to the ``quantile`` of the last
+  ``history`` total norms.
+
+Both are capped by ``max_norm`` (``min(adaptive, max_norm)``) and are ``state_dict``-checkpointable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .clip import clip_grads
+from ._engine import ClipResult
+
+
+class ZScoreThreshold:
+    """ZClip: threshold = mu + z_thresh * sigma from an EMA (alpha) of the total norm."""
+
+    def __init__(self, max_norm: float = 1.0, alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25):
+        if not 0 < alpha < 1:
+            raise ValueError(f"ZScoreThreshold: alpha must be in (0, 1), got {alpha}")
+        if z_thresh <= 0 or warmup_steps < 1 or not max_norm > 0:
+            raise ValueError("ZScoreThreshold: z_thresh and max_norm must be > 0 and warmup_steps >= 1")
+        self.max_norm, self.alpha, self.z_thresh, self.warmup_steps = float(max_norm), alpha, z_thresh, warmup_steps
+        self.steps = 0
+        self.mean: torch.Tensor | None = None
+        self.var: torch.Tensor | None = None
+        self._warmup_sum: torch.Tensor | None = None
+        self._warmup_sq: torch.Tensor | None = None
+
+    def threshold(self, device: torch.device) -> torch.Tensor:
+        """max_norm for this step, as a float32 device scalar."""
+        cap = torch.full((), self.max_norm, dtype=torch.float32, device=device)
+        if self.steps < self.warmup_steps or self.mean is None:
+            return cap
+        return torch.minimum(self.mean + self.z_thresh * self.var.clamp_min(0).sqrt(), cap)
+
+    def update(self, total_norm: torch.Tensor) -> None:
+        """Fold this step's (finite) norm into the statistics; non-finite norms are ignored."""
+        n = total_norm.detach().float().reshape(())
+        finite = torch.isfinite(n)
+        n = torch.where(finite, n, torch.zeros_like(n))
+        if self.steps < self.warmup_steps:
+            w = finite.float()
+            self._warmup_sum = n * w if self._warmup_sum is None else self._warmup_sum + n * w
+            self._warmup_sq = n * n * w if self._warmup_sq is None else self._warmup_sq + n * n * w
+            self.steps += 1
+            if self.steps == self.warmup_steps:
+                self.mean = self._warmup_sum / self.warmup_steps
+                self.var = self._warmup_sq / self.warmup_steps - self.mean * self.mean
+            return
+        # Clipped norms enter the EMA at the threshold, so one spike does not drag the mean up.
+        n = torch.minimum(n, self.threshold(n.device))
+        new_mean = self.alpha * self.mean + (1 - self.alpha) * n
+        new_var = self.alpha * self.var + (1 - self.alpha) * (n - self.mean) ** 2
+        self.mean = torch.where(finite, new_mean, self.mean)
+        self.var = torch.where(finite, new_var, self.var)
+        self.steps += 1
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("max_norm", "alpha", "z_thresh", "warmup_steps", "steps", "mean", "var", "_warmup_sum", "_warmup_sq")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, val in state.items():
+            setattr(self, k, val)
+
+
+class QuantileThreshold:
+    """AutoClip: threshold = the ``quantile`` of the last ``history`` total norms (capped by max_norm)."""
+
+    def __init__(self, max_norm: float = math.inf, quantile: float = 0.9, history: int = 1000, warmup_steps: int = 10):
+        if not 0 < quantile <= 1 or history < 1 or warmup_steps < 1:
+            raise ValueError("QuantileThreshold: quantile in (0, 1], history >= 1, warmup_steps >= 1")
+        self.max_norm, self.quantile, self.history, self.warmup_steps = float(max_norm), quantile, history, warmup_steps
+        self.steps = 0
+        self.norms: torch.Tensor | None = None
+
+    def threshold(self, device: torch.device) -> torch.Tensor:
+        cap = torch.full((), self.max_norm, dtype=torch.float32, device=device)
+        filled = min(self.steps, self.history)
+        if self.steps < self.warmup_steps or self.norms is None:
+            return cap
+        return torch.minimum(torch.quantile(self.norms[:filled], self.quantile), cap)
+
+    def update(self, total_norm: torch.Tensor) -> None:
+        n = total_norm.detach().float().reshape(())
+        if self.norms is None:
+            self.norms = torch.zeros(self.history, dtype=torch.float32, device=n.device)
+        slot = self.steps % self.history
+        previous = self.norms[slot]
+        # A non-finite norm keeps the slot's old value out of the history (no sync to branch on it).
+        self.norms[slot] = torch.where(torch.isfinite(n), n, previous if self.steps >= self.history else torch.zeros_like(n))
+        self.steps += 1
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("max_norm", "quantile", "history", "warmup_steps", "steps", "norms")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, val in state.items():
+            setattr(self, k, val)
+
+
+class GradClipper:
+    """Clip a model's gradients each step and keep per-layer statistics on the device.
+
+    ``max_norm``: a number or a threshold object (``ZScoreThreshold``, ``QuantileThreshold``).
+    ``step()`` clips (``gradfuse.clip_grads``) and updates running statistics without a host sync:
+    steps, clipped steps, non-finite steps, the last and the largest total norm, and each layer's
+    last and largest norm. ``stats()`` reads them back (one sync).
+    """
+
+    def __init__(self, named_parameters, max_norm=1.0, norm_type: float = 2.0, *, nonfinite: str = "propagate", backend: str | None = None):
+        self.named = [(name, p) for name, p in named_parameters]
+        self.names = [name for name, _ in self.named]
+        self.threshold = max_norm if hasattr(max_norm, "threshold") else None
+        self.max_norm = None if self.threshold is not None else max_norm
+        self.norm_type, self.nonfinite, self.backend = norm_type, nonfinite, backend
+        self._counters: torch.Tensor | None = None  # [steps, clipped, nonfinite, last_total, max_total]
+        self._layer_last: torch.Tensor | None = None
+        self._layer_max: torch.Tensor | None = None
+        self._index: tuple[tuple[int, ...], torch.Tensor] | None = None  # layers with a grad, on device
+
+    def step(self) -> ClipResult | None:
+        params = [p for _, p in self.named]
+        with_grad = [i for i, p in enumerate(params) if p.grad is not None]
+        if not with_grad:
+            return None
+        device = params[with_grad[0]].grad.device
+        max_norm = self.threshold.threshold(device) if self.threshold is not None else self.max_norm
+        result = clip_grads(params, max_norm, self.norm_type, nonfinite=self.nonfinite, backend=self.backend)
+        if self.threshold is not None:
+            self.threshold.update(result.total_norm)
+        self._record(result, with_grad, device)
+        return result
+
+    @torch.no_grad()
+    def _record(self, r: ClipResult, with_grad: list[int], device: torch.device) -> None:
+        if self._counters is None:
+            self._counters = torch.zeros(5, dtype=torch.float64, device=device)
+            self._layer_last = torch.zeros(len(self.named), dtype=torch.float32, device=device)
+            self._layer_max = torch.zeros(len(self.named), dtype=torch.float32, device=device)
+        total = r.total_norm.to(device, torch.float64)
+        clipped = (r.clip_coef < 1).to(torch.float64)
+        c = self._counters
+        c[0] += 1
+        c[1] += clipped
+        c[2] += r.found_inf.to(device, torch.float64)
+        c[3] = total
+        c[4] = torch.fmax(c[4], total)
+        if self._index is None or self._index[0] != tuple(with_grad):  # copied once, not every step
+            self._index = (tuple(with_grad), torch.tensor(with_grad, device=device))
+        idx = self._index[1]
+        norms = r.tensor_norms.to(device, torch.float32)
+        self._layer_last.index_copy_(0, idx, norms)
+        self._layer_max.index_copy_(0, idx, torch.fmax(self._layer_max.index_select(0, idx), norms))
+
+    def stats(self, top_k: int = 5) -> dict:
+        """Host copy of the statistics (one sync): counts, clip rate, norms, the top-k layers."""
+        if self._counters is None:
+            return {"steps": 0}
+        steps, clipped, nonfinite, last, largest = self._counters.tolist()
+        last_layers = self._layer_last.tolist()
+        order = sorted(range(len(last_layers)), key=lambda i: -last_layers[i] if math.isfinite(last_layers[i]) else -math.inf)
+        return {
+            "steps": int(steps),
+            "clipped_steps": int(clipped),
+            "clip_rate": clipped / steps if steps else 0.0,
+            "nonfinite_steps": int(nonfinite),
+            "last_total_norm": last,
+            "max_total_norm": largest,
+            "top_layers": [(self.names[i], last_layers[i]) for i in order[:top_k]],
+            "layer_max_norms": dict(zip(self.names, self._layer_max.tolist())),
+        }
