@@ -142,17 +142,9 @@ def import_gradfuse(notes: list[str]):
     return gradfuse
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    threads = args.threads or (1 if args.quick else None)
-    if threads:  # --quick measures nothing: one thread keeps it fast on a busy machine
-        torch.set_num_threads(threads)
-    device = environment.pick_device(args.device)
-    notes: list[str] = []
-    workloads = select_workloads(args, device, notes)
-    gradfuse = import_gradfuse(notes)
+def build_settings(args, device: torch.device, workloads) -> Settings:
     mode = "quick" if args.quick else device.type
-    settings = Settings(
+    return Settings(
         device=device,
         workloads=workloads,
         dtype_sets=args.dtypes,
@@ -164,6 +156,49 @@ def main(argv: list[str] | None = None) -> int:
         copy_bytes=COPY_BYTES[mode],
         copy_repeat=COPY_REPEATS,
     )
+
+
+def settings_json(args, settings: Settings) -> dict:
+    return {
+        "mode": "quick" if args.quick else settings.device.type,
+        "scale": args.scale,
+        "dtypes": settings.dtype_sets,
+        "scenarios": {s.name: {"bytes_factor": s.bytes_factor} for s in settings.scenarios},
+        "impls": args.impls,
+        "repeat": vars(settings.repeat),
+        "compile": settings.compile.describe(),
+        "compile_seconds_spent": settings.compile.spent_s,
+        "cache_bytes_defeated": settings.cache_bytes,
+    }
+
+
+def print_summary(run, meta: dict, written: str) -> None:
+    print(report.format_table(run.rows))
+    bw = run.copy_bandwidth
+    before, after = bw["gbps_before_and_after"]
+    print(
+        f"\ncopy bandwidth: {bw['gbps']:.1f} GB/s, the better of {before:.1f} before and {after:.1f} after the cells "
+        f"({bw['method']}); device: {meta['device']}; torch {meta['torch']}"
+    )
+    for note in run.notes:
+        print(f"note: {note}")
+    print(f"wrote {written}")
+    if run.failures:
+        print(f"\nFAILED: {len(run.failures)} gradfuse result(s) wrong or broken:", file=sys.stderr)
+        for f in run.failures:
+            print(f"  {f}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    threads = args.threads or (1 if args.quick else None)
+    if threads:  # --quick measures nothing: one thread keeps it fast on a busy machine
+        torch.set_num_threads(threads)
+    device = environment.pick_device(args.device)
+    notes: list[str] = []
+    workloads = select_workloads(args, device, notes)
+    gradfuse = import_gradfuse(notes)
+    settings = build_settings(args, device, workloads)
     json_path, png_path = output_paths(args, device)
     meta = environment.describe(device, argv)
 
@@ -176,49 +211,17 @@ def main(argv: list[str] | None = None) -> int:
     if gradfuse is None:
         run.failures.append(notes[-1])
 
-    plot_note = None
+    written = str(json_path)
     if not args.no_plot:
         title = f"gradfuse vs torch.nn.utils — {meta['device']} — {meta['date']}"
         plot_note = report.write_plot(png_path, run.rows, title)
         if plot_note:
             run.notes.append(plot_note)
-    settings_json = {
-        "mode": mode,
-        "scale": args.scale,
-        "dtypes": args.dtypes,
-        "scenarios": args.scenarios,
-        "impls": args.impls,
-        "repeat": vars(settings.repeat),
-        "compile": settings.compile.describe(),
-        "compile_seconds_spent": settings.compile.spent_s,
-        "cache_bytes_defeated": settings.cache_bytes,
-    }
-    workloads_json = [
-        {
-            "name": w.name,
-            "doc": w.doc,
-            "num_tensors": w.num_tensors,
-            "numel": w.numel,
-            "full_numel": w.full_numel,
-            "scale": w.scale,
-        }
-        for w in workloads
-    ]
-    scenarios_json = {s.name: {"bytes_factor": s.bytes_factor} for s in settings.scenarios}
-    report.write_json(json_path, report.payload(meta, settings_json, run, workloads_json, scenarios_json))
-
-    print(report.format_table(run.rows))
-    bw = run.copy_bandwidth
-    print(f"\ncopy bandwidth: {bw['gbps']:.1f} GB/s ({bw['method']}); device: {meta['device']}; torch {meta['torch']}")
-    for note in run.notes:
-        print(f"note: {note}")
-    print(f"wrote {json_path}" + ("" if args.no_plot or plot_note else f" and {png_path}"))
-    if run.failures:
-        print(f"\nFAILED: {len(run.failures)} gradfuse result(s) wrong or broken:", file=sys.stderr)
-        for f in run.failures:
-            print(f"  {f}", file=sys.stderr)
-        return 1
-    return 0
+        else:
+            written += f" and {png_path}"
+    report.write_json(json_path, report.payload(meta, settings_json(args, settings), run, workloads))
+    print_summary(run, meta, written)
+    return 1 if run.failures else 0
 
 
 if __name__ == "__main__":

@@ -128,7 +128,6 @@ def describe(device: torch.device, argv: list[str] | None = None) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command_line(argv),
         "git_commit": git_commit(),
-        "cache_bytes_defeated": cache_bytes(device),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .results import OK, Row
+from .workloads import Workload
 
 SCHEMA = "gradfuse-benchmarks/1"
 
@@ -147,15 +148,18 @@ def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
 
 
-def payload(meta: dict, settings: dict, run, workloads: list[dict], scenarios: dict) -> dict:
+def payload(meta: dict, settings: dict, run, workloads: list[Workload]) -> dict:
+    """Everything the run measured, with what is needed to reproduce and compare it."""
     return {
         "schema": SCHEMA,
         "meta": meta,
         "settings": settings,
         "copy_bandwidth": run.copy_bandwidth,
-        "workloads": workloads,
+        "workloads": [
+            {"name": w.name, "doc": w.doc, "num_tensors": w.num_tensors, "numel": w.numel, "full_numel": w.full_numel, "scale": w.scale}
+            for w in workloads
+        ],
         "gradient_sets": run.groups,
-        "scenarios": scenarios,
         "results": [r.as_dict() for r in run.rows],
         "notes": run.notes,
         "failures": run.failures,

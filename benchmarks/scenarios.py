@@ -164,6 +164,7 @@ def handoff_function(gradfuse) -> Callable | None:
 def _fused_adamw(group: GradGroup, device: torch.device) -> list[torch.optim.Optimizer]:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch's cache is free to torch
         need = 2 * group.nbytes * len(group.sets)
         if need > 0.9 * free:
             raise Unsupported(f"AdamW state needs {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free")

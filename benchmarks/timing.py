@@ -172,6 +172,7 @@ def copy_bandwidth(device: torch.device, nbytes: int, policy: RepeatPolicy) -> d
     dst = torch.empty_like(src)
     stats = measure(lambda i: dst.copy_(src), lambda i: None, device, policy)
     moved = 2 * numel * 4
-    method = "device-to-device copy_ (CUDA events)" if device.type == "cuda" else f"memcpy via copy_ ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    method = "device-to-device copy_, CUDA events" if device.type == "cuda" else f"host copy_, {threads} thread{'s' * (threads != 1)}"
     del src, dst
     return {"gbps": moved / stats.median_s / 1e9, "bytes_moved": moved, "method": method, "time": stats.as_ms()}

@@ -166,7 +166,7 @@ def fp64_norm(grads: list[torch.Tensor]) -> float:
     """The exact (fp64) 2-norm of all ``grads`` viewed as one vector."""
     try:
         norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
-    except TypeError:  # a torch whose _foreach_norm has no dtype argument
+    except (TypeError, RuntimeError):  # no dtype argument in this torch, or not for this device/dtype
         norms = [torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]
     return float(torch.linalg.vector_norm(torch.stack(norms)))
 

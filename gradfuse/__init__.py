@@ -15,6 +15,7 @@ from .clip import (
     clip_grads_with_norm_,
     get_total_norm,
 )
+from .monitor import GradClipper, QuantileThreshold, ZScoreThreshold
 from .training import (
     NonFiniteCounter,
     OptimizerClipper,
@@ -36,6 +37,9 @@ __all__ = [
     "clip_grads",
     "clip_grads_with_norm_",
     "get_total_norm",
+    "GradClipper",
+    "QuantileThreshold",
+    "ZScoreThreshold",
     "NonFiniteCounter",
     "OptimizerClipper",
     "clip_grad_norm_for_optimizer_",

@@ -151,14 +151,20 @@ class TritonBackend:
         return self.kernels().CHUNK_SIZE
 
     def unavailable_reason(self, device: torch.device) -> str | None:
-        if self.kernels() is None:
+        kernels = self.kernels()
+        if kernels is None:
             return f"gradfuse.triton_kernels could not be imported ({self._error!r}). {self.how_to_get}"
         if device.type == "cuda":
+            if kernels.INTERPRETED:
+                return "the Triton kernels were built by its interpreter (TRITON_INTERPRET=1), which runs on CPU tensors only"
             return None
         if device.type == "cpu":
-            if os.environ.get("TRITON_INTERPRET") == "1":
+            if kernels.INTERPRETED:
                 return None
-            return "Triton runs on CPU tensors only through its interpreter: set TRITON_INTERPRET=1 before importing triton"
+            return (
+                "Triton runs on CPU tensors only through its interpreter: set TRITON_INTERPRET=1 before "
+                "gradfuse.triton_kernels is first imported"
+            )
         return f"the triton backend runs on CUDA tensors, not {device.type}"
 
     def reduce(self, plan, norm_kind, p, max_norm, max_norm_tensor, inv_scale, policy, tensor_norms, result):

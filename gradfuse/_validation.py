@@ -13,6 +13,8 @@ from itertools import repeat
 
 import torch
 
+from .ops import is_compiling
+
 
 def as_list(parameters, fn: str, *, warn_empty_generator: bool = False) -> list:
     """torch's input forms: one tensor, or any iterable (listed once, so generators work)."""
@@ -24,19 +26,30 @@ def as_list(parameters, fn: str, *, warn_empty_generator: bool = False) -> list:
     items = list(parameters)
     if warn_empty_generator and is_generator and not items:
         warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=4)
-    if not all(map(isinstance, items, repeat(torch.Tensor))):  # map: this runs every step
-        i, item = next((i, x) for i, x in enumerate(items) if not isinstance(x, torch.Tensor))
-        raise TypeError(f"{fn}: parameters[{i}] is a {type(item).__name__}, not a torch.Tensor")
     return items
+
+
+def _not_a_tensor(items: list, fn: str) -> TypeError:
+    i, item = next((i, x) for i, x in enumerate(items) if not isinstance(x, torch.Tensor))
+    return TypeError(f"{fn}: parameters[{i}] is a {type(item).__name__}, not a torch.Tensor")
 
 
 _GRAD = operator.attrgetter("grad")
 DTYPE = operator.attrgetter("dtype")
 
 
-def grads_of(parameters: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The gradients to clip: ``p.grad`` of every parameter that has one."""
-    return [g for g in map(_GRAD, parameters) if g is not None]
+def grads_of(parameters: list, fn: str) -> list[torch.Tensor]:
+    """The gradients to clip: ``p.grad`` of every parameter that has one. (Runs every step, so
+    the items are checked to be tensors only when reading ``.grad`` fails.)"""
+    if is_compiling():  # dynamo traces comprehensions, not attrgetter
+        return [p.grad for p in parameters if p.grad is not None]
+    try:
+        grads = [g for g in map(_GRAD, parameters) if g is not None]
+    except AttributeError:
+        raise _not_a_tensor(parameters, fn) from None
+    if not all(map(isinstance, grads, repeat(torch.Tensor))):  # an object with a .grad attribute
+        raise _not_a_tensor(parameters, fn)
+    return grads
 
 
 def check_tensors(tensors: list, fn: str) -> list[torch.Tensor]:
@@ -95,7 +108,7 @@ def check_norm_type(norm_type, fn: str) -> float:
 def check_grads(grads: list[torch.Tensor], p: float, foreach: bool | None, fn: str) -> tuple[torch.dtype, ...]:
     """Dtypes a norm exists for, and torch's errors for norms of empty tensors that have no identity.
     Returns the gradients' dtypes (the engine reuses them)."""
-    dtypes = tuple(map(DTYPE, grads))
+    dtypes = tuple(g.dtype for g in grads) if is_compiling() else tuple(map(DTYPE, grads))
     for dtype in set(dtypes):
         if not (dtype.is_floating_point or dtype.is_complex):
             i = dtypes.index(dtype)

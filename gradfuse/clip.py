@@ -65,7 +65,7 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
     fp64 ``total_norm``) and the scale pass is skipped on the device when it is 1.
     """
     fn = "clip_grads_with_norm_"
-    grads = v.grads_of(v.as_list(parameters, fn))
+    grads = v.grads_of(v.as_list(parameters, fn), fn)
     max_norm = v.check_max_norm(max_norm, fn)
     total_norm = v.check_total_norm(total_norm, fn)
     if not grads:
@@ -99,7 +99,7 @@ def clip_grad_norm_(
     has torch's dtype. ``error_if_nonfinite=True`` raises before any gradient is touched.
     """
     fn = "clip_grad_norm_"
-    grads = v.grads_of(v.as_list(parameters, fn, warn_empty_generator=True))
+    grads = v.grads_of(v.as_list(parameters, fn, warn_empty_generator=True), fn)
     max_norm = v.check_max_norm(max_norm, fn)
     p = v.check_norm_type(norm_type, fn)
     if not grads:
@@ -128,7 +128,7 @@ def clip_grad_value_(parameters, clip_value: float, foreach: bool | None = None)
     fn = "clip_grad_value_"
     params = v.as_list(parameters, fn)
     clip_value = v.check_clip_value(clip_value, fn)
-    grads = v.grads_of(params)
+    grads = v.grads_of(params, fn)
     if not grads:
         raise RuntimeError("Expected !nested_tensorlist[0].empty() to be true, but got false.")
     v.check_grads(grads, 2.0, foreach, fn)
@@ -157,7 +157,7 @@ def clip_grads(
     computes without scaling. Returns a :class:`ClipResult`, or None when no parameter has a grad.
     """
     fn = "clip_grads"
-    grads = v.grads_of(v.as_list(parameters, fn))
+    grads = v.grads_of(v.as_list(parameters, fn), fn)
     max_norm = v.check_max_norm(max_norm, fn)
     p = v.check_norm_type(norm_type, fn)
     nonfinite = v.check_nonfinite(nonfinite, fn)

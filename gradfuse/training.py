@@ -7,7 +7,9 @@ optional unscale in one read, results left on the device):
   fused optimizers (``Adam``/``AdamW``/``SGD``/``Adagrad`` with ``fused=True``, whose ``step()`` reads
   ``self.grad_scale`` and ``self.found_inf`` and divides every gradient by ``grad_scale`` inside its
   fused kernel) it does not scale the gradients at all: it hands the divisor ``1 / scale`` to the
-  optimizer, so clipping costs one read of the gradients. Every other optimizer gets the scale pass.
+  optimizer, so the clip reads the gradients once and there is no scale pass (torch's fused kernel
+  stores the divided gradients back as it steps, so ``p.grad`` ends up clipped, as with torch).
+  Every other optimizer gets the scale pass.
 * :func:`unscale_and_clip_` replaces ``scaler.unscale_(opt)`` + ``clip_grad_norm_`` under a
   ``torch.amp.GradScaler``: unscale, NaN/Inf check, norm of the unscaled gradients and clip in one
   read (plus one scale pass, or none with a fused optimizer), leaving the scaler in the state
@@ -312,7 +314,7 @@ def clip_grad_norm_for_optimizer_(
     divisor = _divisor(r.scale)  # finite on a bad step under "skip"/"zero": the scale is 1 there
     found_inf = _flag(r.found_inf) if nonfinite == "skip" else None
     if nonfinite == "zero":
-        _zero_if_found_(v.grads_of(params), r.found_inf, foreach, backend)
+        _zero_if_found_([p.grad for p in params if p.grad is not None], r.found_inf, foreach, backend)
         r = _with_zero_scale(r)
     _hand_over(optimizer, divisor, found_inf, under_scaler=False)
     return r
@@ -382,7 +384,7 @@ def unscale_and_clip_(
         raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
     if stage is OptState.STEPPED:
         raise RuntimeError("unscale_() is being called after step().")
-    grads = v.grads_of(params)
+    grads = [p.grad for p in params if p.grad is not None]
     if any(g.dtype == torch.float16 for g in grads):
         raise ValueError("Attempting to unscale FP16 gradients.")
     handoff = _use_handoff(optimizer, handoff, fn)

@@ -19,6 +19,7 @@ import torch
 
 from benchmarks import __main__ as bench_main
 from benchmarks import correctness
+from benchmarks.results import Row, derive_figures
 from benchmarks.workloads import Workload, WorkloadError, find_workloads_dir, scaled, tensor_dtypes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -194,6 +195,27 @@ def test_a_wrong_gradfuse_result_fails_the_run_and_names_the_cell(tmp_path, monk
     assert [r["status"] for r in wrong] == ["wrong", "wrong"]
     assert all(r["time"] is None for r in wrong)  # a wrong result is not timed
     assert [r["status"] for r in data["results"] if r["impl"] == "torch:foreach"] == ["ok", "ok"]
+
+
+def test_derived_figures_bandwidth_speedup_and_clip_overhead():
+    def row(scenario, impl, median_ms, nbytes):
+        return Row("w", "bf16", scenario, impl, bytes=nbytes, time={"median_ms": median_ms})
+
+    rows = [
+        row("clip", "torch:foreach", 4.0, 3_000_000),
+        row("clip", "gradfuse:cpu", 1.0, 3_000_000),
+        row("fused-optimizer", "adamw:step-only", 10.0, None),
+        row("fused-optimizer", "torch:foreach", 14.0, 1_000_000),
+        row("fused-optimizer", "gradfuse:cpu", 10.5, 1_000_000),
+    ]
+    derive_figures(rows, copy_gbps=6.0)
+    fast = rows[1]
+    assert fast.gbps == pytest.approx(3.0) and fast.copy_fraction == pytest.approx(0.5)
+    assert fast.speedup_vs_baseline == pytest.approx(4.0) and rows[0].speedup_vs_baseline == pytest.approx(1.0)
+    assert rows[2].gbps is None and rows[2].speedup_vs_baseline is None
+    handoff = rows[4]
+    assert handoff.overhead_ms == pytest.approx(0.5) and handoff.gbps == pytest.approx(2.0)
+    assert handoff.speedup_vs_baseline == pytest.approx(14.0 / 10.5)
 
 
 # --------------------------------------------------------------------------------------------------

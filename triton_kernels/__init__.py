@@ -9,7 +9,9 @@ CUDA tensors, or CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1`
 imported). Build plans with ``CHUNK_SIZE`` (any chunk size works; tests use small ones).
 """
 
-from .multi_tensor_norm import CHUNK_SIZE, reduce
+from .multi_tensor_norm import _INTERPRET as INTERPRETED, CHUNK_SIZE, reduce
 from .multi_tensor_scale import scale
 
-__all__ = ["CHUNK_SIZE", "reduce", "scale"]
+# INTERPRETED: the kernels were built by Triton's interpreter (TRITON_INTERPRET=1 when this package
+# was imported), so they run on CPU tensors only; otherwise on CUDA tensors only.
+__all__ = ["CHUNK_SIZE", "INTERPRETED", "reduce", "scale"]
