@@ -11,7 +11,7 @@ import math
 import sys
 from pathlib import Path
 
-from .results import OK, Row
+from .rows import OK, Row
 from .workloads import Workload
 
 SCHEMA = "gradfuse-benchmarks/1"

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import correctness, timing
-from .results import ERROR, OK, SKIPPED, WRONG, Row, derive_figures
+from .rows import ERROR, OK, SKIPPED, WRONG, Row, derive_figures
 from .scenarios import (
     ADAMW_STEP_ONLY,
     TORCH_COMPILE,
@@ -102,13 +102,13 @@ def implementations(device: torch.device, gradfuse, impl_filter: set[str] | None
 
 
 def count_cells(settings: Settings, impls: list[Impl]) -> int:
-    n = 0
-    for w in settings.workloads:
-        for d in settings.dtype_sets:
-            for s in settings.scenarios:
-                for impl in impls:
-                    n += _takes_part(impl, w, d, s, settings.compile)
-    return n
+    return sum(
+        _takes_part(impl, w, d, s, settings.compile)
+        for w in settings.workloads
+        for d in settings.dtype_sets
+        for s in settings.scenarios
+        for impl in impls
+    )
 
 
 def _takes_part(impl: Impl, w: Workload, dtype_set: str, scenario: Scenario, policy: CompilePolicy) -> bool:

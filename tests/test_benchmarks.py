@@ -19,7 +19,7 @@ import torch
 
 from benchmarks import __main__ as bench_main
 from benchmarks import correctness
-from benchmarks.results import Row, derive_figures
+from benchmarks.rows import Row, derive_figures
 from benchmarks.workloads import Workload, WorkloadError, find_workloads_dir, scaled, tensor_dtypes
 
 REPO = Path(__file__).resolve().parent.parent
