@@ -84,6 +84,7 @@ def extensions():
         Pybind11Extension(
             "gradfuse._C_cpu",
             sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp")),
+            depends=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.h")),
             cxx_std=17,
             extra_compile_args=["-O3", "-fvisibility=hidden", "-pthread"],
             extra_link_args=["-pthread"],

@@ -27,26 +27,40 @@ struct Vec {
 
   static F load_f32(const float* p) { return _mm256_loadu_ps(p); }
   static F load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-  static F load_bf16(const uint16_t* p) {
-    const I wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  // Lane order of load_row: register 4h + k holds the even elements of 32h + 16k .. + 15, register
+  // 4h + 2 + k their odd elements.
+  static void load_row_bf16(const uint16_t* p, F* v) {
+    const I high_half = _mm256_set1_epi32(static_cast<int32_t>(0xffff0000u));
+    for (int h = 0; h < 2; ++h) {
+      for (int k = 0; k < 2; ++k) {
+        const I w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * h + 16 * k));
+        v[4 * h + k] = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+        v[4 * h + 2 + k] = _mm256_castsi256_ps(_mm256_and_si256(w, high_half));
+      }
+    }
   }
 
   static void store_f32(float* p, F v) { _mm256_storeu_ps(p, v); }
   static void store_f16(uint16_t* p, F v) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
-  // As f32_to_bf16 (float_bits.h), 8 lanes at once.
-  static void store_bf16(uint16_t* p, F v) {
+  // 16 bf16 times s in place. Even and odd elements are split by a shift and a mask and joined
+  // back the same way, so no lane shuffle is needed either way.
+  static void scale_bf16(uint16_t* p, F s) {
+    const I high_half = _mm256_set1_epi32(static_cast<int32_t>(0xffff0000u));
+    const I w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const I even = round_bf16(_mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), s));
+    const I odd = round_bf16(_mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(w, high_half)), s));
+    const I out = _mm256_or_si256(_mm256_and_si256(odd, high_half), _mm256_srli_epi32(even, 16));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), out);
+  }
+  // As f32_to_bf16 (float_bits.h), the bf16 left in the high half of each lane: add 0x7fff plus the
+  // lowest kept bit. NaN lanes are left alone: a product's NaN is quiet, so its high half is a NaN.
+  static I round_bf16(F v) {
     const I u = _mm256_castps_si256(v);
-    const I lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const I rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
-    const I quiet_nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-    const I is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    const I out = _mm256_blendv_epi8(rounded, quiet_nan, is_nan);
-    // Every lane is in [0, 0xffff], so the saturating pack only narrows.
-    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(out), _mm256_extracti128_si256(out, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+    const I bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)), _mm256_set1_epi32(0x7fff));
+    const I is_number = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_ORD_Q));
+    return _mm256_add_epi32(u, _mm256_and_si256(bias, is_number));
   }
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
   static void store_i(int32_t* p, I v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }

@@ -31,24 +31,36 @@ struct Vec {
 
   static F load_f32(const float* p) { return _mm512_loadu_ps(p); }
   static F load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-  static F load_bf16(const uint16_t* p) {
-    const I wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  // Lane order of load_row: even elements of 0..31, odd of 0..31, even of 32..63, odd of 32..63.
+  static void load_row_bf16(const uint16_t* p, F* v) {
+    const I high_half = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
+    for (int h = 0; h < 2; ++h) {
+      const I w = _mm512_loadu_si512(p + 32 * h);
+      v[2 * h] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+      v[2 * h + 1] = _mm512_castsi512_ps(_mm512_and_si512(w, high_half));
+    }
   }
 
   static void store_f32(float* p, F v) { _mm512_storeu_ps(p, v); }
   static void store_f16(uint16_t* p, F v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
-  // As f32_to_bf16 (float_bits.h), 16 lanes at once.
-  static void store_bf16(uint16_t* p, F v) {
+  // 32 bf16 times s in place. Even and odd elements are split by a shift and a mask and joined
+  // back the same way, so no lane shuffle is needed either way.
+  static void scale_bf16(uint16_t* p, F s) {
+    const I high_half = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
+    const I w = _mm512_loadu_si512(p);
+    const I even = round_bf16(_mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), s));
+    const I odd = round_bf16(_mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(w, high_half)), s));
+    // (odd & high_half) | (even >> 16)
+    _mm512_storeu_si512(p, _mm512_ternarylogic_epi32(odd, high_half, _mm512_srli_epi32(even, 16), 0xEA));
+  }
+  // As f32_to_bf16 (float_bits.h), the bf16 left in the high half of each lane: add 0x7fff plus the
+  // lowest kept bit. NaN lanes are left alone: a product's NaN is quiet, so its high half is a NaN.
+  static I round_bf16(F v) {
     const I u = _mm512_castps_si512(v);
-    const I lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const I rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-    const I quiet_nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-    const __mmask16 is_nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    const I out = _mm512_mask_blend_epi32(is_nan, rounded, quiet_nan);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(out));
+    const I bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7fff));
+    return _mm512_mask_add_epi32(u, _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), u, bias);
   }
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
   static void store_i(int32_t* p, I v) { _mm512_storeu_si512(p, v); }

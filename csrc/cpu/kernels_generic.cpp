@@ -31,13 +31,18 @@ struct Vec {
     std::memcpy(h, p, sizeof h);
     return F{f16_to_f32(h[0]), f16_to_f32(h[1]), f16_to_f32(h[2]), f16_to_f32(h[3])};
   }
-  static F load_bf16(const uint16_t* p) {
-    uint16_t h[kWidth];
-    std::memcpy(h, p, sizeof h);
-    const U wide = U{h[0], h[1], h[2], h[3]} << 16;
-    F v;
-    std::memcpy(&v, &wide, sizeof v);
-    return v;
+  // Lane order of load_row: register 8h + k holds the even elements of 32h + 8k .. + 7, register
+  // 8h + 4 + k their odd elements (the low half of a little-endian 32-bit word is the even one).
+  static void load_row_bf16(const uint16_t* p, F* v) {
+    for (int h = 0; h < 2; ++h) {
+      for (int k = 0; k < 4; ++k) {
+        U w;
+        std::memcpy(&w, p + 32 * h + 8 * k, sizeof w);
+        const U even = w << 16, odd = w & 0xffff0000u;
+        std::memcpy(&v[8 * h + k], &even, sizeof even);
+        std::memcpy(&v[8 * h + 4 + k], &odd, sizeof odd);
+      }
+    }
   }
 
   static void store_f32(float* p, F v) { std::memcpy(p, &v, sizeof v); }
@@ -45,8 +50,10 @@ struct Vec {
     const uint16_t h[kWidth] = {f32_to_f16(v[0]), f32_to_f16(v[1]), f32_to_f16(v[2]), f32_to_f16(v[3])};
     std::memcpy(p, h, sizeof h);
   }
-  static void store_bf16(uint16_t* p, F v) {
-    const uint16_t h[kWidth] = {f32_to_bf16(v[0]), f32_to_bf16(v[1]), f32_to_bf16(v[2]), f32_to_bf16(v[3])};
+  static void scale_bf16(uint16_t* p, F s) {
+    uint16_t h[2 * kWidth];
+    std::memcpy(h, p, sizeof h);
+    for (uint16_t& e : h) e = f32_to_bf16(bf16_to_f32(e) * s[0]);
     std::memcpy(p, h, sizeof h);
   }
   static void store(float* p, F v) { std::memcpy(p, &v, sizeof v); }

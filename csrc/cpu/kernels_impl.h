@@ -6,22 +6,24 @@
 // kernels.h before the pragma, never from here. No include guard on purpose.
 //
 // Vec provides, for W = Vec::kWidth fp32 lanes (F) and int32 lanes (I):
-//   zero, set1, set1_i, load_f32/_f16/_bf16 (unaligned, to fp32), store_f32/_f16/_bf16 (from fp32,
-//   round to nearest even), store (W floats), store_i (W int32s), add, mul, fmadd (a * b + c),
-//   abs_bits(v, 0x7fffffff mask) (|x| as an int32 bit pattern), as_float (bit cast), max_i, min_i,
-//   count_nonzero(cnt, a) (cnt + (a != 0)).
+//   zero, set1, set1_i, load_f32/_f16 (unaligned, to fp32), load_row_bf16 (a 64-element row in the
+//   lane order of load_row), store_f32/_f16 (from fp32, round to nearest even), scale_bf16 (2W bf16
+//   times s in place, round to nearest even), store (W floats), store_i (W int32s), add, mul,
+//   fmadd (a * b + c), abs_bits(v, 0x7fffffff mask) (|x| as an int32 bit pattern), as_float (bit
+//   cast), max_i, min_i, count_nonzero(cnt, a) (cnt + (a != 0)).
 //
 // Numerics of the reduce (the why of the layout):
-//   * A row is kLanes = 64 consecutive elements; element i of a row always feeds fp32 lane i, on every
-//     instruction set (AVX-512: 4 registers, AVX2: 8, generic: 16), so AVX2 and AVX-512 give the
-//     same bits.
+//   * A row is kLanes = 64 consecutive elements; each element feeds the same fp32 lane on every
+//     instruction set (AVX-512: 4 registers, AVX2: 8, generic: 16; see load_row), so AVX2 and
+//     AVX-512 give the same bits.
 //   * Each lane sums kBlockRows = 32 terms in fp32, then is added to its fp64 lane: the fp32 error
 //     stays ~1e-7 relative per block and the blocks combine exactly enough in fp64 (sum x^2 over
 //     10^6 values of 100 is exact, where one fp32 accumulator is off by 6e-4).
 //   * max/min/count are exact integer reductions over the |x| bit patterns, which order like the
 //     values; NaN patterns order above Inf, so max_bits > Inf's marks a NaN and max_bits >= Inf's
-//     a non-finite value. Their lane layout does not matter.
-//   * |x|^p is computed and summed in fp64 (pow_abs), each of the 64 lanes in row order.
+//     a non-finite value. Their lane layout does not matter. The sums (L2, L1) skip that per element
+//     and test their fp32 lanes per block instead (reduce_block).
+//   * |x|^p is computed and summed in fp64 (add_pow_abs), each of the 64 lanes in row order.
 
 namespace {
 
@@ -45,18 +47,12 @@ struct Storage<kF32> {
   using T = float;
 };
 
+// W elements as fp32 (fp32 and fp16; bf16 rows go through load_row_bf16).
 template <int64_t D>
 inline F load(const typename Storage<D>::T* p) {
+  static_assert(D != kBF16, "bf16 is loaded by rows");
   if constexpr (D == kF32) return Vec::load_f32(p);
-  else if constexpr (D == kF16) return Vec::load_f16(p);
-  else return Vec::load_bf16(p);
-}
-
-template <int64_t D>
-inline void store(typename Storage<D>::T* p, F v) {
-  if constexpr (D == kF32) Vec::store_f32(p, v);
-  else if constexpr (D == kF16) Vec::store_f16(p, v);
-  else Vec::store_bf16(p, v);
+  else return Vec::load_f16(p);
 }
 
 // One element, for the tail of a span (memcpy: any alignment).
@@ -69,17 +65,36 @@ inline float load_one(const typename Storage<D>::T* p) {
   else return bf16_to_f32(v);
 }
 
-// pow_abs runs on 8 fp64 lanes through the compiler's vector extension (one zmm, two ymm or four
+// A row as kRegs vectors whose lanes are the fp32 lanes 0..63 in order. fp32 and fp16: element i
+// is lane i. bf16: even and odd elements split from whole 64-byte (32-element) loads, which a shift
+// or a mask turns into fp32 with no shuffle (half the work per element of widening 16 to 32 bits);
+// element i = 32h + j lands on lane 32h + 16 (j & 1) + j / 2 (row_lane), on every instruction set.
+template <int64_t D>
+inline void load_row(const typename Storage<D>::T* row, F* v) {
+  if constexpr (D == kBF16) {
+    Vec::load_row_bf16(row, v);
+  } else {
+    for (int j = 0; j < kRegs; ++j) v[j] = load<D>(row + j * kW);
+  }
+}
+
+template <int64_t D>
+inline int row_lane(int i) {
+  if constexpr (D == kBF16) return (i & 32) + ((i & 1) << 4) + ((i & 31) >> 1);
+  else return i;
+}
+
+// add_pow_abs runs on 8 fp64 lanes through the compiler's vector extension (one zmm, two ymm or four
 // xmm registers): explicit SIMD without control flow. Written as scalar code, GCC keeps the
 // selects as branches around FP operations (which could trap) and does not vectorise the loop.
 typedef double F64x8 __attribute__((vector_size(64)));
 typedef uint64_t U64x8 __attribute__((vector_size(64)));
 typedef float F32x8 __attribute__((vector_size(32)));
 constexpr int kPowLanes = 8;
-static_assert(kLanes % kPowLanes == 0, "a row must be whole pow_abs vectors");
+static_assert(kLanes % kPowLanes == 0, "a row must be whole add_pow_abs vectors");
 #if defined(__GNUC__) && !defined(__clang__)
-// These vectors never cross an ABI boundary (internal linkage, inlined), so GCC's note that their
-// calling convention depends on AVX-512 does not apply (for returns; parameters go by reference).
+// These vectors never cross an ABI boundary (internal linkage), so GCC's note that returning them
+// by value depends on AVX-512 does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
@@ -90,13 +105,13 @@ inline U64x8 splat_u(uint64_t v) { return U64x8{v, v, v, v, v, v, v, v}; }
 // mask ? a : b, lane by lane (mask lanes all ones or all zeros, as comparisons give).
 inline F64x8 select(const U64x8& mask, const F64x8& a, const F64x8& b) { return (F64x8)(((U64x8)a & mask) | ((U64x8)b & ~mask)); }
 
-// |x|^p = exp(p ln|x|) in fp64, lane by lane.
+// sum += |x|^p, lane by lane, with |x|^p = exp(p ln|x|) in fp64:
 //   ln|x| = e ln2 + ln m with |x| = m 2^e, m in [sqrt(1/2), sqrt(2)), and
 //   ln m = 2 atanh(s) = 2 (s + s^3/3 + ... + s^17/17), s = (m - 1)/(m + 1), |s| <= 0.172;
 //   exp(y) = 2^k exp(r), k = round(y / ln2), |r| <= ln2/2, exp(r) by its degree-12 Taylor polynomial.
 // Relative error ~1e-15 for the fp32 inputs it gets. Special cases as IEEE pow: 0^p = 0 (p > 0) or
 // Inf (p < 0), Inf^p = Inf or 0, NaN^p = NaN; results below 2^-1022 flush to 0.
-inline F64x8 pow_abs(const F64x8& xs, double p) {
+inline void add_pow_abs(const F64x8& xs, double p, F64x8& sum) {
   constexpr double kInf = __builtin_inf();
   constexpr double kLn2 = 0x1.62e42fefa39efp-1;
   constexpr double kLn2Hi = 0x1.62e42fefa3800p-1;  // few mantissa bits: k * kLn2Hi is exact
@@ -146,22 +161,7 @@ inline F64x8 pow_abs(const F64x8& xs, double p) {
   result = select((U64x8)(k < splat(-1022.0)), splat(0.0), result);
   result = select((U64x8)(x == splat(0.0)), splat(p > 0 ? 0.0 : kInf), result);
   result = select((U64x8)(x == splat(kInf)), splat(p > 0 ? kInf : 0.0), result);
-  return select((U64x8)(x != x), x, result);
-}
-
-// One core alone does not keep enough cache misses in flight to reach the memory bandwidth on
-// server parts (~10 GB/s per core here); asking for the lines kPrefetchBytes ahead of those being
-// read lifted one core's rate by 10-20% in our measurements. A prefetch past the end of the data is
-// harmless (it never faults).
-constexpr int kPrefetchBytes = 2048;
-
-// The cache lines of the kCount elements kPrefetchBytes after p (for writing too when kWrite). The
-// address is formed as an integer: it may lie past the end of the array.
-template <int kCount, bool kWrite, class T>
-inline void prefetch_ahead(const T* p) {
-  const uintptr_t ahead = reinterpret_cast<uintptr_t>(p) + kPrefetchBytes;
-  for (int b = 0; b < static_cast<int>(kCount * sizeof(T)); b += 64)
-    __builtin_prefetch(reinterpret_cast<const void*>(ahead + b), kWrite, 3);
+  sum += select((U64x8)(x != x), x, result);
 }
 
 // Per-lane fp64 sums and the order-free integer reductions of one span.
@@ -196,6 +196,19 @@ inline int64_t hsum(I v) {
   return s;
 }
 
+// Max |x| bit pattern over rows [r0, r1).
+template <int64_t D>
+inline int32_t block_max_bits(const typename Storage<D>::T* x, int64_t r0, int64_t r1) {
+  const I abs_mask = Vec::set1_i(0x7fffffff);
+  I mx = Vec::set1_i(0);
+  for (int64_t r = r0; r < r1; ++r) {
+    F v[kRegs];
+    load_row<D>(x + r * kLanes, v);
+    for (int j = 0; j < kRegs; ++j) mx = Vec::max_i(mx, Vec::abs_bits(v[j], abs_mask));
+  }
+  return hmax(mx);
+}
+
 // Rows [r0, r1) of x (r1 - r0 <= kBlockRows): fp32 lane sums added to acc.sum, integer reductions
 // merged into acc.
 template <int64_t D, int K>
@@ -208,41 +221,55 @@ inline void reduce_block(const typename Storage<D>::T* x, int64_t r0, int64_t r1
   I cnt = Vec::set1_i(0);
   for (int64_t r = r0; r < r1; ++r) {
     const typename Storage<D>::T* row = x + r * kLanes;
-    prefetch_ahead<kLanes, false>(row);
+    F v[kRegs];
+    load_row<D>(row, v);
     if constexpr (K == kNormP) {
       float xs[kLanes];
       for (int j = 0; j < kRegs; ++j) {
-        const F v = load<D>(row + j * kW);
-        mx = Vec::max_i(mx, Vec::abs_bits(v, abs_mask));
-        Vec::store(xs + j * kW, v);
+        mx = Vec::max_i(mx, Vec::abs_bits(v[j], abs_mask));
+        Vec::store(xs + j * kW, v[j]);
       }
       for (int l = 0; l < kLanes; l += kPowLanes) {
-        F32x8 v;
+        F32x8 xv;
         F64x8 sum;
-        std::memcpy(&v, xs + l, sizeof v);
+        std::memcpy(&xv, xs + l, sizeof xv);
         std::memcpy(&sum, acc.sum + l, sizeof sum);
-        sum += pow_abs(__builtin_convertvector(v, F64x8), p);
+        add_pow_abs(__builtin_convertvector(xv, F64x8), p, sum);
         std::memcpy(acc.sum + l, &sum, sizeof sum);
       }
     } else {
       for (int j = 0; j < kRegs; ++j) {
-        const F v = load<D>(row + j * kW);
-        const I a = Vec::abs_bits(v, abs_mask);
-        mx = Vec::max_i(mx, a);
-        if constexpr (K == kNormL2) s[j] = Vec::fmadd(v, v, s[j]);
-        else if constexpr (K == kNormL1) s[j] = Vec::add(s[j], Vec::as_float(a));
-        else if constexpr (K == kNormNegInf) mn = Vec::min_i(mn, a);
-        else if constexpr (K == kNormL0) cnt = Vec::count_nonzero(cnt, a);
+        if constexpr (K == kNormL2) {
+          s[j] = Vec::fmadd(v[j], v[j], s[j]);
+        } else if constexpr (K == kNormL1) {
+          s[j] = Vec::add(s[j], Vec::as_float(Vec::abs_bits(v[j], abs_mask)));
+        } else {
+          const I a = Vec::abs_bits(v[j], abs_mask);
+          mx = Vec::max_i(mx, a);
+          if constexpr (K == kNormNegInf) mn = Vec::min_i(mn, a);
+          else if constexpr (K == kNormL0) cnt = Vec::count_nonzero(cnt, a);
+        }
       }
     }
   }
   if constexpr (K == kNormL2 || K == kNormL1) {
     float lanes[kLanes];
-    for (int j = 0; j < kRegs; ++j) Vec::store(lanes + j * kW, s[j]);
+    for (int j = 0; j < kRegs; ++j) {
+      Vec::store(lanes + j * kW, s[j]);
+      mx = Vec::max_i(mx, Vec::abs_bits(s[j], abs_mask));
+    }
     for (int l = 0; l < kLanes; ++l) acc.sum[l] += lanes[l];
+    // The sums skip the per-element finiteness test: a NaN or Inf element makes its lane sum NaN or
+    // Inf (the terms are >= 0, so no Inf - Inf), and only then, or on an fp32 overflow of finite
+    // terms, is the block read again for the exact flag.
+    if (hmax(mx) >= kInfBits) {
+      const int32_t block_max = block_max_bits<D>(x, r0, r1);
+      acc.max_bits = block_max > acc.max_bits ? block_max : acc.max_bits;
+    }
+  } else {
+    const int32_t block_max = hmax(mx);
+    acc.max_bits = block_max > acc.max_bits ? block_max : acc.max_bits;
   }
-  const int32_t block_max = hmax(mx);
-  acc.max_bits = block_max > acc.max_bits ? block_max : acc.max_bits;
   if constexpr (K == kNormNegInf) {
     const int32_t block_min = hmin(mn);
     acc.min_bits = block_min < acc.min_bits ? block_min : acc.min_bits;
@@ -275,16 +302,20 @@ SpanPartial reduce_span(const void* data, int64_t n, double p) {
   const int64_t rows = n / kLanes;
   for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows)
     reduce_block<D, K>(x, r0, r0 + kBlockRows < rows ? r0 + kBlockRows : rows, p, acc);
-  // The last partial row, element by element into the same lanes: the term in fp32 as in the body
-  // (x^2 under- and overflows where torch's does), added in fp64.
+  // The last partial row, element by element into the lanes a whole row would use: the term in
+  // fp32 as in the body (x^2 under- and overflows where torch's does), added in fp64.
   for (int64_t i = rows * kLanes; i < n; ++i) {
     const float f = load_one<D>(x + i);
     const int32_t a = static_cast<int32_t>(bits_of(f) & 0x7fffffffu);
-    const int l = static_cast<int>(i - rows * kLanes);
+    const int l = row_lane<D>(static_cast<int>(i - rows * kLanes));
     acc.max_bits = a > acc.max_bits ? a : acc.max_bits;
     if constexpr (K == kNormL2) acc.sum[l] += f * f;
     else if constexpr (K == kNormL1) acc.sum[l] += std::fabs(f);
-    else if constexpr (K == kNormP) acc.sum[l] += pow_abs(splat(f), p)[0];
+    else if constexpr (K == kNormP) {
+      F64x8 term = splat(0.0);
+      add_pow_abs(splat(f), p, term);
+      acc.sum[l] += term[0];
+    }
     else if constexpr (K == kNormNegInf) acc.min_bits = a < acc.min_bits ? a : acc.min_bits;
     else if constexpr (K == kNormL0) acc.count += a != 0;
   }
@@ -311,27 +342,34 @@ SpanPartial reduce(const void* data, int64_t n, int64_t dtype, int kind, double 
   }
 }
 
+// Elements per scale_step: bf16 goes in pairs of vectors (Vec::scale_bf16).
+template <int64_t D>
+constexpr int kScaleStep = D == kBF16 ? 2 * kW : kW;
+
+// p[0 .. kScaleStep<D>) *= s in fp32, one rounding back to the dtype.
+template <int64_t D>
+inline void scale_step(typename Storage<D>::T* p, F s) {
+  if constexpr (D == kF32) Vec::store_f32(p, Vec::mul(Vec::load_f32(p), s));
+  else if constexpr (D == kF16) Vec::store_f16(p, Vec::mul(Vec::load_f16(p), s));
+  else Vec::scale_bf16(p, s);
+}
+
 template <int64_t D>
 void scale_span(void* data, int64_t n, float s) {
   using T = typename Storage<D>::T;
+  constexpr int kStep = kScaleStep<D>;
   T* x = static_cast<T*>(data);
   const F vs = Vec::set1(s);
   int64_t i = 0;
-  for (; i + 4 * kW <= n; i += 4 * kW) {
-    prefetch_ahead<4 * kW, true>(x + i);
-    const F a = load<D>(x + i), b = load<D>(x + i + kW);
-    const F c = load<D>(x + i + 2 * kW), d = load<D>(x + i + 3 * kW);
-    store<D>(x + i, Vec::mul(a, vs));
-    store<D>(x + i + kW, Vec::mul(b, vs));
-    store<D>(x + i + 2 * kW, Vec::mul(c, vs));
-    store<D>(x + i + 3 * kW, Vec::mul(d, vs));
+  for (; i + 4 * kStep <= n; i += 4 * kStep) {
+    for (int u = 0; u < 4; ++u) scale_step<D>(x + i + u * kStep, vs);
   }
-  for (; i + kW <= n; i += kW) store<D>(x + i, Vec::mul(load<D>(x + i), vs));
-  if (i < n) {  // the last partial vector, through a padded copy (same rounding as the body)
-    T buf[kW] = {};
+  for (; i + kStep <= n; i += kStep) scale_step<D>(x + i, vs);
+  if (i < n) {  // the last partial step, through a padded copy (same rounding as the body)
+    T buf[kStep] = {};
     const size_t bytes = static_cast<size_t>(n - i) * sizeof(T);
     std::memcpy(buf, x + i, bytes);
-    store<D>(buf, Vec::mul(load<D>(buf), vs));
+    scale_step<D>(buf, vs);
     std::memcpy(x + i, buf, bytes);
   }
 }

@@ -1,6 +1,6 @@
 // A small persistent pool of std::threads (not OpenMP: torch ships its own libgomp, and two OpenMP
-// runtimes in one process fight). Work is split statically by the caller, so results never depend
-// on scheduling.
+// runtimes in one process fight). Idle workers sleep on a condition variable (no spinning that would
+// steal the cores from torch's threads).
 #pragma once
 
 #include <condition_variable>
