@@ -22,6 +22,7 @@ import torch
 
 from .clip import clip_grads
 from ._engine import ClipResult
+from .training import NonFiniteCounter
 
 
 class ZScoreThreshold:
@@ -116,8 +117,8 @@ class GradClipper:
 
     ``max_norm``: a number or a threshold object (``ZScoreThreshold``, ``QuantileThreshold``).
     ``step()`` clips (``gradfuse.clip_grads``) and updates running statistics without a host sync:
-    steps, clipped steps, non-finite steps, the last and the largest total norm, and each layer's
-    last and largest norm. ``stats()`` reads them back (one sync).
+    the step counts of a :class:`NonFiniteCounter` (``counter``), the last and the largest total
+    norm, and each layer's last and largest norm. ``stats()`` reads them back (one sync).
     """
 
     def __init__(self, named_parameters, max_norm=1.0, norm_type: float = 2.0, *, nonfinite: str = "propagate", backend: str | None = None):
@@ -126,7 +127,8 @@ class GradClipper:
         self.threshold = max_norm if hasattr(max_norm, "threshold") else None
         self.max_norm = None if self.threshold is not None else max_norm
         self.norm_type, self.nonfinite, self.backend = norm_type, nonfinite, backend
-        self._counters: torch.Tensor | None = None  # [steps, clipped, nonfinite, last_total, max_total]
+        self.counter = NonFiniteCounter()
+        self._totals: torch.Tensor | None = None  # [last total norm, largest total norm]
         self._layer_last: torch.Tensor | None = None
         self._layer_max: torch.Tensor | None = None
         self._index: tuple[tuple[int, ...], torch.Tensor] | None = None  # layers with a grad, on device
@@ -146,18 +148,14 @@ class GradClipper:
 
     @torch.no_grad()
     def _record(self, r: ClipResult, with_grad: list[int], device: torch.device) -> None:
-        if self._counters is None:
-            self._counters = torch.zeros(5, dtype=torch.float64, device=device)
+        self.counter.update(r)
+        if self._totals is None:
+            self._totals = torch.zeros(2, dtype=torch.float64, device=device)
             self._layer_last = torch.zeros(len(self.named), dtype=torch.float32, device=device)
             self._layer_max = torch.zeros(len(self.named), dtype=torch.float32, device=device)
         total = r.total_norm.to(device, torch.float64)
-        clipped = (r.clip_coef < 1).to(torch.float64)
-        c = self._counters
-        c[0] += 1
-        c[1] += clipped
-        c[2] += r.found_inf.to(device, torch.float64)
-        c[3] = total
-        c[4] = torch.fmax(c[4], total)
+        self._totals[0] = total
+        self._totals[1] = torch.fmax(self._totals[1], total)
         if self._index is None or self._index[0] != tuple(with_grad):  # copied once, not every step
             self._index = (tuple(with_grad), torch.tensor(with_grad, device=device))
         idx = self._index[1]
@@ -167,18 +165,25 @@ class GradClipper:
 
     def stats(self, top_k: int = 5) -> dict:
         """Host copy of the statistics (one sync): counts, clip rate, norms, the top-k layers."""
-        if self._counters is None:
+        if self._totals is None:
             return {"steps": 0}
-        steps, clipped, nonfinite, last, largest = self._counters.tolist()
-        last_layers = self._layer_last.tolist()
-        order = sorted(range(len(last_layers)), key=lambda i: -last_layers[i] if math.isfinite(last_layers[i]) else -math.inf)
+        n = len(self.names)
+        values = torch.cat(
+            [self.counter.counts.double(), self._totals, self._layer_last.double(), self._layer_max.double()]
+        ).tolist()  # one read for everything
+        counts = dict(zip(NonFiniteCounter._FIELDS, map(int, values[:4])))
+        last, largest = values[4:6]
+        last_layers, max_layers = values[6 : 6 + n], values[6 + n :]
+        order = sorted(range(n), key=lambda i: -last_layers[i] if math.isfinite(last_layers[i]) else -math.inf)
+        steps = counts["steps"]
         return {
-            "steps": int(steps),
-            "clipped_steps": int(clipped),
-            "clip_rate": clipped / steps if steps else 0.0,
-            "nonfinite_steps": int(nonfinite),
+            "steps": steps,
+            "clipped_steps": counts["clipped_steps"],
+            "clip_rate": counts["clipped_steps"] / steps if steps else 0.0,
+            "nonfinite_steps": counts["nonfinite_steps"],
+            "consecutive_nonfinite": counts["consecutive_nonfinite"],
             "last_total_norm": last,
             "max_total_norm": largest,
             "top_layers": [(self.names[i], last_layers[i]) for i in order[:top_k]],
-            "layer_max_norms": dict(zip(self.names, self._layer_max.tolist())),
+            "layer_max_norms": dict(zip(self.names, max_layers)),
         }

@@ -76,6 +76,7 @@ def test_grad_clipper_counts_and_layers_match_torch():
     assert stats["steps"] == 4
     assert stats["clipped_steps"] == 1  # 5.0 clips; tiny ones do not; NaN gives a NaN coef (not < 1)
     assert stats["nonfinite_steps"] == 1
+    assert stats["consecutive_nonfinite"] == 0  # the NaN step was followed by a finite one
     names = [n for n, _ in model.named_parameters()]
     _set_grads(ref, 0.02)  # the last step's gradients, before clipping
     last = {n: float(torch.linalg.vector_norm(q.grad)) for n, q in zip(names, ref.parameters())}
