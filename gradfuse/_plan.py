@@ -95,7 +95,7 @@ def build_plan(grads: list[torch.Tensor], chunk_size: int) -> DevicePlan:
 
 
 class PlanCache:
-    """LRU of plans keyed by (backend, chunk size, fingerprint)."""
+    """The last plans built, keyed by (backend, chunk size, fingerprint)."""
 
     def __init__(self, size: int = _CACHE_SIZE):
         self._size = size
@@ -104,11 +104,12 @@ class PlanCache:
         self.misses = 0
 
     def lookup(self, backend_name: str, chunk_size: int, key: tuple) -> DevicePlan | None:
+        # First in, first out: a training loop hits one plan, and each touch of a key hashes
+        # every address in it again.
         plan = self._plans.get((backend_name, chunk_size, key))
         if plan is None:
             self.misses += 1
         else:
-            self._plans.move_to_end((backend_name, chunk_size, key))
             self.hits += 1
         return plan
 

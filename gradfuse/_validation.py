@@ -9,7 +9,6 @@ import operator
 import types
 import warnings
 from collections.abc import Iterable
-from itertools import repeat
 
 import torch
 
@@ -44,12 +43,9 @@ def grads_of(parameters: list, fn: str) -> list[torch.Tensor]:
     if is_compiling():  # dynamo traces comprehensions, not attrgetter
         return [p.grad for p in parameters if p.grad is not None]
     try:
-        grads = [g for g in map(_GRAD, parameters) if g is not None]
+        return [g for g in map(_GRAD, parameters) if g is not None]
     except AttributeError:
         raise _not_a_tensor(parameters, fn) from None
-    if not all(map(isinstance, grads, repeat(torch.Tensor))):  # an object with a .grad attribute
-        raise _not_a_tensor(parameters, fn)
-    return grads
 
 
 def check_tensors(tensors: list, fn: str) -> list[torch.Tensor]:
@@ -108,7 +104,11 @@ def check_norm_type(norm_type, fn: str) -> float:
 def check_grads(grads: list[torch.Tensor], p: float, foreach: bool | None, fn: str) -> tuple[torch.dtype, ...]:
     """Dtypes a norm exists for, and torch's errors for norms of empty tensors that have no identity.
     Returns the gradients' dtypes (the engine reuses them)."""
-    dtypes = tuple(g.dtype for g in grads) if is_compiling() else tuple(map(DTYPE, grads))
+    try:
+        dtypes = tuple(g.dtype for g in grads) if is_compiling() else tuple(map(DTYPE, grads))
+    except AttributeError:  # an object whose .grad is not a tensor
+        i, g = next((i, g) for i, g in enumerate(grads) if not isinstance(g, torch.Tensor))
+        raise TypeError(f"{fn}: gradient {i} is a {type(g).__name__}, not a torch.Tensor") from None
     for dtype in set(dtypes):
         if not (dtype.is_floating_point or dtype.is_complex):
             i = dtypes.index(dtype)
