@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="timed calls per cell (default: as many as fit a time budget)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 3 repeats, 1 thread: checks the suite runs, in seconds")
-    p.add_argument("--out", help="JSON output path; the PNG goes beside it (default: benchmarks/results/<device-kind>.json)")
+    p.add_argument("--out", help="JSON output path; the PNG goes beside it (default: benchmarks/out/<device-kind>.json, git-ignored)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-cell lines")
     args = p.parse_args(argv)
@@ -127,9 +127,9 @@ def output_paths(args, device: torch.device) -> tuple[Path, Path]:
         if json_path.suffix != ".json":
             json_path = json_path.with_name(json_path.name + ".json")
     else:
+        # Never benchmarks/results/ by default: those are the committed reference runs.
         kind = environment.device_kind(device)
-        folder = "out" if args.quick else "results"
-        json_path = REPO_ROOT / "benchmarks" / folder / (f"{kind}-quick.json" if args.quick else f"{kind}.json")
+        json_path = REPO_ROOT / "benchmarks" / "out" / (f"{kind}-quick.json" if args.quick else f"{kind}.json")
     return json_path, json_path.with_suffix(".png")
 
 

@@ -119,6 +119,10 @@ def _takes_part(impl: Impl, w: Workload, dtype_set: str, scenario: Scenario, pol
     return True
 
 
+# Copy bandwidth before and after the cells further apart than this: something else ran meanwhile.
+BUSY_RATIO = 0.75
+
+
 def run_suite(settings: Settings, gradfuse, progress) -> SuiteRun:
     run = SuiteRun()
     device = settings.device
@@ -162,6 +166,12 @@ def run_suite(settings: Settings, gradfuse, progress) -> SuiteRun:
         **max(copy_before, copy_after, key=lambda c: c["gbps"]),
         "gbps_before_and_after": [copy_before["gbps"], copy_after["gbps"]],
     }
+    low, high = sorted((copy_before["gbps"], copy_after["gbps"]))
+    if low < BUSY_RATIO * high:
+        run.notes.append(
+            f"the machine was busy during this run: copy bandwidth {copy_before['gbps']:.1f} GB/s before the cells "
+            f"and {copy_after['gbps']:.1f} after; other work shares it, so re-run before trusting these figures"
+        )
     derive_figures(run.rows, run.copy_bandwidth["gbps"])
     return run
 

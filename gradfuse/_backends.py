@@ -24,6 +24,8 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run here; the message says why and what to do."""
 
 
+BackendUnavailableError.__module__ = "gradfuse"  # raised to users: show the public name
+
 def _addr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 

@@ -42,6 +42,9 @@ class ClipResult:
         return self.total_norm.to(self.norm_dtype)
 
 
+ClipResult.__module__ = "gradfuse"  # public as gradfuse.ClipResult (also for pickle)
+
+
 def _real(dtype: torch.dtype) -> torch.dtype:
     return _reference.accumulation_dtype(dtype) if dtype.is_complex else dtype
 

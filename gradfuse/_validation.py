@@ -30,7 +30,7 @@ def as_list(parameters, fn: str, *, warn_empty_generator: bool = False) -> list:
 
 def _not_a_tensor(items: list, fn: str) -> TypeError:
     i, item = next((i, x) for i, x in enumerate(items) if not isinstance(x, torch.Tensor))
-    return TypeError(f"{fn}: parameters[{i}] is a {type(item).__name__}, not a torch.Tensor")
+    return TypeError(f"{fn}: parameters[{i}] is of type {type(item).__name__}, not a torch.Tensor")
 
 
 _GRAD = operator.attrgetter("grad")
@@ -53,7 +53,7 @@ def check_tensors(tensors: list, fn: str) -> list[torch.Tensor]:
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             hint = " (pass gradients, e.g. [p.grad for p in params if p.grad is not None])" if t is None else ""
-            raise TypeError(f"{fn}: tensors[{i}] is {type(t).__name__}, not a torch.Tensor{hint}")
+            raise TypeError(f"{fn}: tensors[{i}] is of type {type(t).__name__}, not a torch.Tensor{hint}")
     return tensors
 
 
@@ -108,7 +108,7 @@ def check_grads(grads: list[torch.Tensor], p: float, foreach: bool | None, fn: s
         dtypes = tuple(g.dtype for g in grads) if is_compiling() else tuple(map(DTYPE, grads))
     except AttributeError:  # an object whose .grad is not a tensor
         i, g = next((i, g) for i, g in enumerate(grads) if not isinstance(g, torch.Tensor))
-        raise TypeError(f"{fn}: gradient {i} is a {type(g).__name__}, not a torch.Tensor") from None
+        raise TypeError(f"{fn}: gradient {i} is of type {type(g).__name__}, not a torch.Tensor") from None
     for dtype in set(dtypes):
         if not (dtype.is_floating_point or dtype.is_complex):
             i = dtypes.index(dtype)

@@ -83,7 +83,7 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
 @_no_grad
 def clip_grad_norm_(
     parameters,
-    max_norm: float,
+    max_norm: float | torch.Tensor,
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
@@ -96,7 +96,25 @@ def clip_grad_norm_(
     ``g *= min(1, max_norm / (total + 1e-6))``. One read of every gradient computes the norm, the
     NaN/Inf check and the coefficient on the device; a second pass scales only when the coefficient
     is below 1. fp16/bf16 gradients accumulate in fp32 (no overflow above 65504); the returned norm
-    has torch's dtype. ``error_if_nonfinite=True`` raises before any gradient is touched.
+    has torch's dtype.
+
+    Args:
+        parameters: a tensor or an iterable of tensors (a generator too) whose ``.grad`` is clipped;
+            parameters without a gradient are skipped.
+        max_norm: the largest norm allowed, a number >= 0 (``inf`` allowed); on a GPU also a
+            one-element device tensor, read by the kernels with no host sync.
+        norm_type: p of the norm: any real number, ``inf`` (max |x|), ``-inf`` (min |x|) or 0 (the
+            count of non-zeros).
+        error_if_nonfinite: raise if the total norm is NaN or Inf, before any gradient is touched
+            (the one host sync).
+        foreach: used by the ``torch`` backend only (torch's meaning); the fused backends always
+            process every gradient in one launch.
+        backend: ``"auto"`` (default, or the ``GRADFUSE_BACKEND`` variable), ``"cuda"``,
+            ``"triton"``, ``"cpu"`` or ``"torch"``; an explicit one that cannot run raises
+            :class:`BackendUnavailableError`.
+
+    Returns:
+        The total norm before clipping, a 0-dim tensor of torch's dtype on the gradients' device.
     """
     fn = "clip_grad_norm_"
     grads = v.grads_of(v.as_list(parameters, fn, warn_empty_generator=True), fn)
@@ -110,11 +128,12 @@ def clip_grad_norm_(
 
 
 @deprecated(
-    "`torch.nn.utils.clip_grad_norm` is now deprecated in favor of `torch.nn.utils.clip_grad_norm_`.",
+    "`gradfuse.clip_grad_norm` is deprecated in favor of `gradfuse.clip_grad_norm_`, as "
+    "`torch.nn.utils.clip_grad_norm` is in favor of `torch.nn.utils.clip_grad_norm_`.",
     category=FutureWarning,
 )
 def clip_grad_norm(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False, foreach: bool | None = None, *, backend: str | None = None) -> torch.Tensor:
-    """Deprecated alias of :func:`clip_grad_norm_` (torch's FutureWarning)."""
+    """Deprecated alias of :func:`clip_grad_norm_` (a FutureWarning, as torch's alias gives)."""
     return clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite, foreach, backend=backend)
 
 

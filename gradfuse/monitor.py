@@ -17,23 +17,45 @@ Both are capped by ``max_norm`` (``min(adaptive, max_norm)``) and are ``state_di
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
-from .clip import clip_grads
+from . import _validation as v
+from ._backends import requested_backend
 from ._engine import ClipResult
+from .clip import clip_grads
 from .training import NonFiniteCounter
+
+
+def _real(owner: str, name: str, value, *, low: float, high: float = math.inf, low_open: bool = True, high_open: bool = False) -> float:
+    """``value`` as a float inside the interval, else an error naming the setting and the value."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be a real number, not {type(value).__name__}")
+    value = float(value)
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if math.isnan(value) or below or above:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{owner}: {name} must be in {interval}, got {value}")
+    return value
+
+
+def _count(owner: str, name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{owner}: {name} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 class ZScoreThreshold:
     """ZClip: threshold = mu + z_thresh * sigma from an EMA (alpha) of the total norm."""
 
     def __init__(self, max_norm: float = 1.0, alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25):
-        if not 0 < alpha < 1:
-            raise ValueError(f"ZScoreThreshold: alpha must be in (0, 1), got {alpha}")
-        if z_thresh <= 0 or warmup_steps < 1 or not max_norm > 0:
-            raise ValueError("ZScoreThreshold: z_thresh and max_norm must be > 0 and warmup_steps >= 1")
-        self.max_norm, self.alpha, self.z_thresh, self.warmup_steps = float(max_norm), alpha, z_thresh, warmup_steps
+        owner = "ZScoreThreshold"
+        self.max_norm = _real(owner, "max_norm", max_norm, low=0.0)
+        self.alpha = _real(owner, "alpha", alpha, low=0.0, high=1.0, high_open=True)
+        self.z_thresh = _real(owner, "z_thresh", z_thresh, low=0.0, high_open=True)
+        self.warmup_steps = _count(owner, "warmup_steps", warmup_steps)
         self.steps = 0
         self.mean: torch.Tensor | None = None
         self.var: torch.Tensor | None = None
@@ -81,9 +103,11 @@ class QuantileThreshold:
     """AutoClip: threshold = the ``quantile`` of the last ``history`` total norms (capped by max_norm)."""
 
     def __init__(self, max_norm: float = math.inf, quantile: float = 0.9, history: int = 1000, warmup_steps: int = 10):
-        if not 0 < quantile <= 1 or history < 1 or warmup_steps < 1:
-            raise ValueError("QuantileThreshold: quantile in (0, 1], history >= 1, warmup_steps >= 1")
-        self.max_norm, self.quantile, self.history, self.warmup_steps = float(max_norm), quantile, history, warmup_steps
+        owner = "QuantileThreshold"
+        self.max_norm = _real(owner, "max_norm", max_norm, low=0.0)
+        self.quantile = _real(owner, "quantile", quantile, low=0.0, high=1.0)
+        self.history = _count(owner, "history", history)
+        self.warmup_steps = _count(owner, "warmup_steps", warmup_steps)
         self.steps = 0
         self.norms: torch.Tensor | None = None
 
@@ -112,21 +136,43 @@ class QuantileThreshold:
             setattr(self, k, val)
 
 
+def _named(parameters) -> list[tuple[str, torch.Tensor]]:
+    """(name, parameter) pairs from named_parameters(), or from plain parameters named param<i>."""
+    items = v.as_list(parameters, "GradClipper")
+    named = []
+    for i, item in enumerate(items):
+        if isinstance(item, torch.Tensor):
+            named.append((f"param{i}", item))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], torch.Tensor):
+            named.append(item)
+        else:
+            raise TypeError(
+                f"GradClipper: parameters[{i}] is of type {type(item).__name__}; pass model.named_parameters() "
+                "((name, parameter) pairs) or model.parameters()"
+            )
+    return named
+
+
 class GradClipper:
     """Clip a model's gradients each step and keep per-layer statistics on the device.
 
+    ``parameters``: ``model.named_parameters()`` (layers are reported by name), or plain
+    parameters (reported as ``param0``, ``param1``, ...).
     ``max_norm``: a number or a threshold object (``ZScoreThreshold``, ``QuantileThreshold``).
     ``step()`` clips (``gradfuse.clip_grads``) and updates running statistics without a host sync:
     the step counts of a :class:`NonFiniteCounter` (``counter``), the last and the largest total
     norm, and each layer's last and largest norm. ``stats()`` reads them back (one sync).
     """
 
-    def __init__(self, named_parameters, max_norm=1.0, norm_type: float = 2.0, *, nonfinite: str = "propagate", backend: str | None = None):
-        self.named = [(name, p) for name, p in named_parameters]
+    def __init__(self, parameters, max_norm=1.0, norm_type: float = 2.0, *, nonfinite: str = "propagate", backend: str | None = None):
+        fn = "GradClipper"
+        self.named = _named(parameters)
         self.names = [name for name, _ in self.named]
         self.threshold = max_norm if hasattr(max_norm, "threshold") else None
-        self.max_norm = None if self.threshold is not None else max_norm
-        self.norm_type, self.nonfinite, self.backend = norm_type, nonfinite, backend
+        self.max_norm = None if self.threshold is not None else v.check_max_norm(max_norm, fn)
+        self.norm_type = v.check_norm_type(norm_type, fn)
+        self.nonfinite = v.check_nonfinite(nonfinite, fn)
+        self.backend = requested_backend(backend) if backend is not None else None
         self.counter = NonFiniteCounter()
         self._totals: torch.Tensor | None = None  # [last total norm, largest total norm]
         self._layer_last: torch.Tensor | None = None

@@ -197,6 +197,35 @@ def test_a_wrong_gradfuse_result_fails_the_run_and_names_the_cell(tmp_path, monk
     assert [r["status"] for r in data["results"] if r["impl"] == "torch:foreach"] == ["ok", "ok"]
 
 
+def test_a_busy_machine_is_named_in_the_notes(tmp_path, monkeypatch, capsys):
+    from benchmarks import runner, timing
+
+    measured = iter([10.0, 30.0])  # copy bandwidth before, then after the cells
+
+    def copy_bandwidth(device, nbytes, repeat):
+        return {"gbps": next(measured), "method": "fake"}
+
+    monkeypatch.setattr(timing, "copy_bandwidth", copy_bandwidth)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    out = tmp_path / "busy.json"
+    argv = [
+        "--quick", "--device", "cpu", "--no-progress", "--no-plot", "--workloads-dir", str(_tiny_workloads(tmp_path)),
+        "--dtypes", "fp32", "--scenarios", "norm", "--impls", "torch:foreach", "--out", str(out),
+    ]  # fmt: skip
+    assert bench_main.main(argv) == 0
+    assert "the machine was busy during this run" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["copy_bandwidth"]["gbps"] == 30.0
+    assert any("10.0 GB/s before the cells and 30.0 after" in n for n in data["notes"])
+    assert runner.BUSY_RATIO * 30.0 > 10.0  # the threshold the note depends on
+
+
+def test_default_output_is_not_the_committed_results(monkeypatch):
+    args = bench_main.parse_args(["--device", "cpu"])
+    json_path, png_path = bench_main.output_paths(args, torch.device("cpu"))
+    assert json_path.parent == REPO / "benchmarks" / "out" and png_path.suffix == ".png"
+
+
 def test_derived_figures_bandwidth_speedup_and_clip_overhead():
     def row(scenario, impl, median_ms, nbytes):
         return Row("w", "bf16", scenario, impl, bytes=nbytes, time={"median_ms": median_ms})

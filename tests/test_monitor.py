@@ -54,10 +54,59 @@ def test_threshold_state_dict_round_trip():
     assert torch.equal(a.threshold(torch.device("cpu")), b.threshold(torch.device("cpu")))
 
 
-@pytest.mark.parametrize("bad", [dict(alpha=1.5), dict(z_thresh=0), dict(warmup_steps=0), dict(max_norm=-1.0)])
-def test_zscore_rejects_bad_settings(bad):
-    with pytest.raises(ValueError, match="ZScoreThreshold"):
-        ZScoreThreshold(**bad)
+@pytest.mark.parametrize(
+    "cls, bad, error",
+    [
+        (ZScoreThreshold, dict(alpha=1.5), ValueError),
+        (ZScoreThreshold, dict(alpha=1.0), ValueError),
+        (ZScoreThreshold, dict(z_thresh=0), ValueError),
+        (ZScoreThreshold, dict(z_thresh=float("nan")), ValueError),
+        (ZScoreThreshold, dict(warmup_steps=0), ValueError),
+        (ZScoreThreshold, dict(warmup_steps=2.5), ValueError),
+        (ZScoreThreshold, dict(max_norm=-1.0), ValueError),
+        (ZScoreThreshold, dict(max_norm="1"), TypeError),
+        (QuantileThreshold, dict(max_norm=-1.0), ValueError),
+        (QuantileThreshold, dict(max_norm=float("nan")), ValueError),
+        (QuantileThreshold, dict(quantile=0.0), ValueError),
+        (QuantileThreshold, dict(quantile=1.5), ValueError),
+        (QuantileThreshold, dict(history=0), ValueError),
+        (QuantileThreshold, dict(warmup_steps=True), ValueError),
+    ],
+)
+def test_thresholds_reject_bad_settings_naming_them(cls, bad, error):
+    (name, value), = bad.items()
+    with pytest.raises(error, match=f"{cls.__name__}: {name} must be"):
+        cls(**bad)
+
+
+def test_grad_clipper_takes_plain_parameters_too():
+    model, ref = _model(), _model()
+    _set_grads(model, 5.0)
+    _set_grads(ref, 5.0)
+    result = GradClipper(model.parameters(), max_norm=1.0).step()
+    torch.testing.assert_close(result.total_norm, torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0))
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    clipper = GradClipper(list(model.parameters()), max_norm=1.0)
+    clipper.step()
+    assert set(clipper.stats()["layer_max_norms"]) == {f"param{i}" for i in range(4)}
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        (([1, 2], 1.0), TypeError, r"GradClipper: parameters\[0\] is of type int"),
+        (([("w", 3)], 1.0), TypeError, r"parameters\[0\] is of type tuple"),
+        ((None, 1.0), TypeError, "GradClipper: parameters must be"),
+        (((), -1.0), ValueError, "GradClipper: max_norm must be >= 0"),
+        (((), 1.0, "two"), TypeError, "GradClipper: norm_type"),
+    ],
+)
+def test_grad_clipper_rejects_bad_arguments_at_construction(args, error, match):
+    with pytest.raises(error, match=match):
+        GradClipper(*args)
+    with pytest.raises(ValueError, match="nonfinite"):
+        GradClipper((), nonfinite="ignore")
 
 
 def test_grad_clipper_counts_and_layers_match_torch():

@@ -124,7 +124,7 @@ def test_non_tensor_item_in_parameters(grads, fn):
     params = params_from(grads)
     snap = snapshot(grads)
     bad = [params[0], 3, params[1]]
-    with pytest.raises(TypeError, match=rf"^{fn}: parameters\[1\] is a int, not a torch\.Tensor$"):
+    with pytest.raises(TypeError, match=rf"^{fn}: parameters\[1\] is of type int, not a torch\.Tensor$"):
         if fn == "clip_grad_value_":
             gradfuse.clip_grad_value_(bad, 1.0)
         else:
@@ -140,9 +140,9 @@ def test_parameters_not_iterable(fn):
 
 def test_none_in_get_total_norm(grads):
     snap = snapshot(grads)
-    with pytest.raises(TypeError, match=re.escape("get_total_norm: tensors[1] is NoneType, not a torch.Tensor (pass gradients, e.g. [p.grad for p in params if p.grad is not None])")):
+    with pytest.raises(TypeError, match=re.escape("get_total_norm: tensors[1] is of type NoneType, not a torch.Tensor (pass gradients, e.g. [p.grad for p in params if p.grad is not None])")):
         gradfuse.get_total_norm([grads[0], None, grads[1]])
-    with pytest.raises(TypeError, match=re.escape("get_total_norm: tensors[0] is str, not a torch.Tensor")):
+    with pytest.raises(TypeError, match=re.escape("get_total_norm: tensors[0] is of type str, not a torch.Tensor")):
         gradfuse.get_total_norm(["g"])
     assert_unchanged(grads, snap)
     with pytest.raises(RuntimeError):  # torch refuses too (with a less helpful message)
@@ -287,6 +287,6 @@ def test_validation_identical_on_every_backend(grads, backend):
     snap = snapshot(grads)
     with pytest.raises(ValueError, match="max_norm is NaN"):
         gradfuse.clip_grad_norm_(params_from(grads), math.nan, backend=backend)
-    with pytest.raises(TypeError, match="parameters\\[0\\] is a float"):
+    with pytest.raises(TypeError, match="parameters\\[0\\] is of type float"):
         gradfuse.clip_grad_norm_([1.0], 1.0, backend=backend)
     assert_unchanged(grads, snap)
