@@ -115,9 +115,8 @@ class CudaBackend(_CompiledBackend):
     def _device_reason(self, device):
         if device.type != "cuda":
             return f"the cuda backend runs on CUDA tensors, not {device.type}"
-        if not self.module().device_count() > 0:
-            return "no CUDA device is visible to gradfuse._C_cuda"
-        return None
+        error = self.module().device_error(device.index if device.index is not None else 0)
+        return f"gradfuse._C_cuda: {error}" if error else None
 
     def reduce(self, plan, norm_kind, p, max_norm, max_norm_tensor, inv_scale, policy, tensor_norms, result):
         args = self._reduce_args(plan, norm_kind, p, max_norm, max_norm_tensor, inv_scale, policy, tensor_norms, result)

@@ -103,13 +103,18 @@ PYBIND11_MODULE(_C_cuda, m) {
 
   m.def("scale", &scale,
         "Phase 2, one kernel launch: x *= *scale_ptr in place (fp32 math, one rounding), nothing "
-        "when *scale_ptr >= 1, zeros when zero_if_scale_is_zero and *scale_ptr == 0.",
+        "when *scale_ptr == 1, zeros when zero_if_scale_is_zero and *scale_ptr == 0.",
         py::arg("addrs"), py::arg("numels"), py::arg("dtypes"), py::arg("chunk_tensor"), py::arg("chunk_start"),
         py::arg("num_chunks"), py::arg("chunk_size"), py::arg("scale_ptr"), py::arg("zero_if_scale_is_zero"),
         py::arg("device_index"), py::arg("stream"));
 
   m.def("device_count", &gradfuse_cuda::device_count,
         "Visible CUDA devices; 0 when there is no GPU or no usable driver (never raises).");
+
+  m.def("device_error", &gradfuse_cuda::device_error,
+        "Why the kernels cannot run on device_index (no GPU, a driver too old for this build, an index "
+        "out of range), or an empty string when they can.",
+        py::arg("device_index"));
 
   m.attr("DTYPE_F32") = gradfuse_cuda::DTYPE_F32;
   m.attr("DTYPE_F16") = gradfuse_cuda::DTYPE_F16;

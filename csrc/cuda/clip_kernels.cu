@@ -53,6 +53,7 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -806,6 +807,7 @@ const CtxApi& ctx_api() {
     CtxApi a;
     void* g = nullptr;
     void* s = nullptr;
+#if CUDART_VERSION >= 12050  // the versioned query (CUDA 13 has no other); older toolkits use the fallback
     cudaDriverEntryPointQueryResult qg = cudaDriverEntryPointSymbolNotFound;
     cudaDriverEntryPointQueryResult qs = cudaDriverEntryPointSymbolNotFound;
     const cudaError_t eg = cudaGetDriverEntryPointByVersion("cuCtxGetCurrent", &g, 4000, cudaEnableDefault, &qg);
@@ -816,6 +818,7 @@ const CtxApi& ctx_api() {
       a.set = reinterpret_cast<PFN_cuCtxSetCurrent_v4000>(s);
     }
     (void)cudaGetLastError();
+#endif
     return a;
   }();
   return api;
@@ -899,6 +902,8 @@ std::string reduce(const ReduceArgs& a) {
   if (a.max_tensor_chunks < 0 || a.max_tensor_chunks > a.num_chunks)
     return "max_tensor_chunks must be in [0, num_chunks], got " + std::to_string(a.max_tensor_chunks);
   if (a.norm_kind < NORM_L2 || a.norm_kind > NORM_L0) return "unknown norm_kind " + std::to_string(a.norm_kind);
+  if (a.norm_kind == NORM_P && !(std::isfinite(a.p) && a.p != 0.0))
+    return "NORM_P needs a finite non-zero p, got " + std::to_string(a.p) + " (use NORM_INF/NEG_INF/L0)";
   if (a.policy < POLICY_PROPAGATE || a.policy > POLICY_ZERO) return "unknown policy " + std::to_string(a.policy);
   if (!a.tensor_chunk_begin || !a.ticket || !a.result || (a.num_tensors > 0 && !a.tensor_norms))
     return "null address for tensor_chunk_begin, ticket, tensor_norms or result";
@@ -981,6 +986,10 @@ std::string scale(const ScaleArgs& a) {
     if (grid > a.num_chunks) grid = a.num_chunks;
     return launch(scale_kernel, grid, kScaleThreads, stream, P, "scale_kernel");
   });
+}
+
+std::string device_error(int device_index) {
+  return check_device(device_index);
 }
 
 int device_count() noexcept {

@@ -87,4 +87,8 @@ std::string scale(const ScaleArgs& args);
 // Number of visible CUDA devices; 0 when there is no device or no usable driver. Never throws.
 int device_count() noexcept;
 
+// "" when device_index can run the kernels, else why not: "no CUDA device (cudaGetDeviceCount
+// failed: CUDA driver version is insufficient for CUDA runtime version)", an index out of range...
+std::string device_error(int device_index);
+
 }  // namespace gradfuse_cuda
