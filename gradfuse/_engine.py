@@ -173,13 +173,13 @@ def clip(
 
 
 def _reference_clip(grads, max_norm, p, apply, error_if_nonfinite, foreach, policy, inv_scale, dtypes) -> ClipResult:
-    total, tensor_norms = _reference.norms(grads, p, foreach)
+    total, tensor_norms, wide_total = _reference.norms(grads, p, foreach)
     if inv_scale is not None and p != 0.0:
         inv = inv_scale.reshape(()).to(total.device, total.dtype)
         total, tensor_norms = total * inv, tensor_norms * inv
     if error_if_nonfinite:
         _raise_if_nonfinite(total, p)
-    found_inf = _reference.found_nonfinite(grads)
+    found_inf = _reference.found_nonfinite(grads, p, wide_total, dtypes)
     coef = _reference.clip_coefficient(total, max_norm)
     scale = _reference.scale_factor(coef, found_inf, policy, inv_scale)
     if apply:

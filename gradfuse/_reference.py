@@ -52,16 +52,17 @@ def _use_foreach(tensors: list[torch.Tensor], device: torch.device, foreach: boo
     return bool(foreach)
 
 
-def norms(grads: list[torch.Tensor], p: float, foreach: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(total, per-tensor norms in input order) on the first gradient's device, in the
-    accumulation dtype. The total is torch's: the p-norm of the per-(device, dtype)-group norms
-    stacked in group order, here computed in fp64 and rounded once."""
+def norms(grads: list[torch.Tensor], p: float, foreach: bool | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, per-tensor norms in input order, wide total) on the first gradient's device. The first
+    two in the accumulation dtype; the wide total unrounded (fp64 for real gradients). The total is
+    torch's: the p-norm of the per-(device, dtype)-group norms stacked in group order, computed in
+    fp64 and rounded once. A few ops per group, none per tensor."""
     first = grads[0].device
     acc = torch.float32
-    for g in grads:
-        acc = torch.promote_types(acc, accumulation_dtype(g.dtype))
-    in_group_order: list[torch.Tensor] = []
-    in_input_order: list[torch.Tensor | None] = [None] * len(grads)
+    for dtype in {g.dtype for g in grads}:
+        acc = torch.promote_types(acc, accumulation_dtype(dtype))
+    blocks: list[torch.Tensor] = []
+    order: list[int] = []  # input index of each norm, in group order
     grouped = _group_tensors_by_device_and_dtype([grads], with_indices=True)
     for (device, dtype), ([group], indices) in grouped.items():
         cast = _compute_dtype(dtype)
@@ -69,30 +70,46 @@ def norms(grads: list[torch.Tensor], p: float, foreach: bool | None) -> tuple[to
             group_norms = torch._foreach_norm(group, p, dtype=cast) if cast else torch._foreach_norm(group, p)
         else:
             group_norms = [torch.linalg.vector_norm(g, p, dtype=cast) for g in group]
-        for i, n in zip(indices, group_norms):
-            n = n.to(first)
-            in_group_order.append(n)
-            in_input_order[i] = n
-    total = torch.linalg.vector_norm(torch.stack(in_group_order), p)
-    return total.to(acc), torch.stack(in_input_order).to(acc)
+        blocks.append(torch.stack(list(group_norms)).to(first))
+        order.extend(indices)
+    in_group_order = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+    wide_total = torch.linalg.vector_norm(in_group_order, p)
+    if order == list(range(len(grads))):
+        in_input_order = in_group_order
+    else:
+        position = [0] * len(grads)
+        for k, i in enumerate(order):
+            position[i] = k
+        rows = in_group_order.unbind(0)
+        in_input_order = torch.stack([rows[k] for k in position])
+    return wide_total.to(acc), in_input_order.to(acc), wide_total
 
 
-def found_nonfinite(grads: list[torch.Tensor]) -> torch.Tensor:
-    """float32 1.0 if any element is NaN or Inf (not an overflow of the norm): max |x| per tensor
-    is finite exactly when the tensor is."""
+# Where the fp64 sum of |x|^p over finite fp16/bf16/fp32 values cannot overflow ((3.4e38)^4 times
+# 2^63 elements is 1e173), a NaN or Inf element is exactly what makes the total non-finite.
+_TOTAL_SHOWS_NONFINITE_MAX_P = 4.0
+_NARROW_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def found_nonfinite(grads: list[torch.Tensor], p: float, wide_total: torch.Tensor, dtypes) -> torch.Tensor:
+    """float32 1.0 if any element is NaN or Inf (not an overflow of the norm). Read off the fp64
+    total where that is exact (0 < p <= 4, fp16/bf16/fp32 gradients); otherwise from max |x| per
+    tensor, which is finite exactly when the tensor is."""
     first = grads[0].device
+    if 0 < p <= _TOTAL_SHOWS_NONFINITE_MAX_P and wide_total.dtype == torch.float64 and all(d in _NARROW_DTYPES for d in set(dtypes)):
+        return (~torch.isfinite(wide_total)).to(torch.float32)
     nonempty = [g for g in grads if g.numel()]
     if not nonempty:
         return torch.zeros((), dtype=torch.float32, device=first)
-    flags = []
+    blocks = []
     grouped = _group_tensors_by_device_and_dtype([nonempty])
     for (device, _), ([group], _) in grouped.items():
         if _has_foreach_support(group, device):
             maxima = torch._foreach_norm(group, float("inf"))
         else:
             maxima = [torch.linalg.vector_norm(g, float("inf")) for g in group]
-        flags.extend((~torch.isfinite(m)).to(first) for m in maxima)
-    return torch.stack(flags).any().to(torch.float32)
+        blocks.append(torch.stack(list(maxima)).to(first, torch.float64))
+    return (~torch.isfinite(torch.cat(blocks))).any().to(torch.float32)
 
 
 def clip_coefficient(total: torch.Tensor, max_norm: float | torch.Tensor) -> torch.Tensor:

@@ -97,6 +97,31 @@ def test_cuda_module_checks_arguments_before_touching_a_device():
                 scale_ptr=0, zero_if_scale_is_zero=False, device_index=0, stream=0)  # fmt: skip
 
 
+def test_reference_path_costs_a_few_ops_per_group_not_per_tensor():
+    """backend="torch" (also the route of DTensor and other subclasses) runs torch's foreach ops per
+    (device, dtype) group: the number of aten calls does not grow with the number of gradients."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops(n, dtypes, p):
+        params = fresh([randn(5 + i % 3, dtype=dtypes[i % len(dtypes)], seed=i) * 10 for i in range(n)])
+        with CountOps() as count:
+            gradfuse.clip_grads(params, 1.0, p, backend="torch")
+        return count.calls
+
+    for dtypes in ([torch.bfloat16], [torch.float32, torch.float16]):
+        for p in (2.0, math.inf):
+            assert ops(4, dtypes, p) == ops(64, dtypes, p), (dtypes, p)
+
+
 def test_triton_available_under_the_interpreter():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")

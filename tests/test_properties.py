@@ -387,3 +387,17 @@ def test_inv_scale_unscales_without_clipping(backend, inv):
     assert float(res.scale) == inv
     for a, b in zip(after, grads):
         assert bits(a).equal(bits((b.double() * inv).to(b.dtype))), (a, b * inv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("p", [0.5, 1.0, 2.0, 4.0, 10.0, INF, -INF, 0.0])
+@pytest.mark.parametrize("bad", [None, math.nan, INF, -INF])
+def test_reference_found_inf_for_every_p(dtype, p, bad):
+    """The reference reads found_inf off its fp64 total where that is exact (0 < p <= 4, narrow
+    dtypes) and takes a max-|x| pass elsewhere: either way it flags NaN/Inf elements, never the
+    overflow of finite values (the largest finite value of the dtype, raised to p = 10, overflows
+    even fp64)."""
+    big = torch.finfo(dtype).max
+    grads = [torch.full((16,), big, dtype=dtype), torch.tensor([1.0, 2.0, 1.0 if bad is None else bad], dtype=dtype)]
+    res, _ = run_clip(Case(grads, p, 1.0), "torch", nonfinite="skip")
+    assert float(res.found_inf) == (0.0 if bad is None else 1.0)
