@@ -26,6 +26,7 @@ class BackendUnavailableError(RuntimeError):
 
 BackendUnavailableError.__module__ = "gradfuse"  # raised to users: show the public name
 
+
 def _addr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
