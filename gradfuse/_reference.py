@@ -96,7 +96,7 @@ def found_nonfinite(grads: list[torch.Tensor], p: float, wide_total: torch.Tenso
     total where that is exact (0 < p <= 4, fp16/bf16/fp32 gradients); otherwise from max |x| per
     tensor, which is finite exactly when the tensor is."""
     first = grads[0].device
-    if 0 < p <= _TOTAL_SHOWS_NONFINITE_MAX_P and wide_total.dtype == torch.float64 and all(d in _NARROW_DTYPES for d in set(dtypes)):
+    if 0 < p <= _TOTAL_SHOWS_NONFINITE_MAX_P and all(d in _NARROW_DTYPES for d in set(dtypes)):  # total is fp64
         return (~torch.isfinite(wide_total)).to(torch.float32)
     nonempty = [g for g in grads if g.numel()]
     if not nonempty:

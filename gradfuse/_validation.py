@@ -28,9 +28,10 @@ def as_list(parameters, fn: str, *, warn_empty_generator: bool = False) -> list:
     return items
 
 
-def _not_a_tensor(items: list, fn: str) -> TypeError:
+def _not_a_tensor(items: list, fn: str, label: str = "parameters[{}]") -> TypeError:
+    """The error for the first item of ``items`` that is not a tensor (``label`` names it by index)."""
     i, item = next((i, x) for i, x in enumerate(items) if not isinstance(x, torch.Tensor))
-    return TypeError(f"{fn}: parameters[{i}] is of type {type(item).__name__}, not a torch.Tensor")
+    return TypeError(f"{fn}: {label.format(i)} is of type {type(item).__name__}, not a torch.Tensor")
 
 
 _GRAD = operator.attrgetter("grad")
@@ -107,8 +108,7 @@ def check_grads(grads: list[torch.Tensor], p: float, foreach: bool | None, fn: s
     try:
         dtypes = tuple(g.dtype for g in grads) if is_compiling() else tuple(map(DTYPE, grads))
     except AttributeError:  # an object whose .grad is not a tensor
-        i, g = next((i, g) for i, g in enumerate(grads) if not isinstance(g, torch.Tensor))
-        raise TypeError(f"{fn}: gradient {i} is of type {type(g).__name__}, not a torch.Tensor") from None
+        raise _not_a_tensor(grads, fn, "gradient {}") from None
     for dtype in set(dtypes):
         if not (dtype.is_floating_point or dtype.is_complex):
             i = dtypes.index(dtype)

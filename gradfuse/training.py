@@ -314,7 +314,7 @@ def clip_grad_norm_for_optimizer_(
     divisor = _divisor(r.scale)  # finite on a bad step under "skip"/"zero": the scale is 1 there
     found_inf = _flag(r.found_inf) if nonfinite == "skip" else None
     if nonfinite == "zero":
-        _zero_if_found_([p.grad for p in params if p.grad is not None], r.found_inf, foreach, backend)
+        _zero_if_found_(v.grads_of(params, fn), r.found_inf, foreach, backend)
         r = _with_zero_scale(r)
     _hand_over(optimizer, divisor, found_inf, under_scaler=False)
     return r
@@ -384,7 +384,7 @@ def unscale_and_clip_(
         raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
     if stage is OptState.STEPPED:
         raise RuntimeError("unscale_() is being called after step().")
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = v.grads_of(params, fn)
     if any(g.dtype == torch.float16 for g in grads):
         raise ValueError("Attempting to unscale FP16 gradients.")
     handoff = _use_handoff(optimizer, handoff, fn)

@@ -82,6 +82,18 @@ class RunQueue {
   int workers_;
 };
 
+// fn(c) for every chunk c of the plan, on up to num_threads threads claiming runs of chunks.
+template <class Fn>
+void for_each_chunk(const Plan& plan, int num_threads, Fn&& fn) {
+  RunQueue queue(plan, num_threads);
+  auto work = [&](int, int) {
+    int64_t begin, end;
+    while (queue.claim(begin, end))
+      for (int64_t c = begin; c < end; ++c) fn(c);
+  };
+  parallel_workers(queue.workers(), work);
+}
+
 void check_chunk(const Plan& plan, int64_t c, int64_t t) {
   const int64_t start = plan.chunk_start[c];
   if (start < 0 || start >= plan.numels[t])
@@ -206,20 +218,13 @@ void reduce(const Plan& plan, const ReduceParams& params, const ReduceOutputs& o
   // fp64 copy of every chunk partial: the float32 chunk_partials of the contract would round the
   // finalize's inputs.
   std::vector<double> partials(static_cast<size_t>(plan.num_chunks));
-  RunQueue queue(plan, num_threads);
-  auto work = [&](int, int) {
-    int64_t begin, end;
-    while (queue.claim(begin, end)) {
-      for (int64_t c = begin; c < end; ++c) {
-        const Span s = chunk_span(plan, c);
-        const SpanPartial r = k.reduce(s.data, s.n, s.dtype, params.norm_kind, params.p);
-        partials[c] = r.value;
-        out.chunk_partials[c] = static_cast<float>(r.value);
-        out.chunk_nonfinite[c] = r.nonfinite ? 1 : 0;
-      }
-    }
-  };
-  parallel_workers(queue.workers(), work);
+  for_each_chunk(plan, num_threads, [&](int64_t c) {
+    const Span s = chunk_span(plan, c);
+    const SpanPartial r = k.reduce(s.data, s.n, s.dtype, params.norm_kind, params.p);
+    partials[c] = r.value;
+    out.chunk_partials[c] = static_cast<float>(r.value);
+    out.chunk_nonfinite[c] = r.nonfinite ? 1 : 0;
+  });
   finalize(plan, params, partials, out);
 }
 
@@ -230,18 +235,11 @@ void scale(const Plan& plan, const float* scale_ptr, bool zero_if_scale_is_zero,
   check_scale_args(plan);
   const bool zero = zero_if_scale_is_zero && s == 0.0f;  // NaN * 0 would stay NaN
   const KernelSet& k = kernels();
-  RunQueue queue(plan, num_threads);
-  auto work = [&](int, int) {
-    int64_t begin, end;
-    while (queue.claim(begin, end)) {
-      for (int64_t c = begin; c < end; ++c) {
-        const Span sp = chunk_span(plan, c);
-        if (zero) std::memset(sp.data, 0, static_cast<size_t>(sp.n * element_size(sp.dtype)));  // +0.0 in every dtype
-        else k.scale(sp.data, sp.n, sp.dtype, s);
-      }
-    }
-  };
-  parallel_workers(queue.workers(), work);
+  for_each_chunk(plan, num_threads, [&](int64_t c) {
+    const Span sp = chunk_span(plan, c);
+    if (zero) std::memset(sp.data, 0, static_cast<size_t>(sp.n * element_size(sp.dtype)));  // +0.0 in every dtype
+    else k.scale(sp.data, sp.n, sp.dtype, s);
+  });
 }
 
 }  // namespace gradfuse::cpu
