@@ -10,6 +10,8 @@ Neither module links libtorch: they take addresses and sizes as plain integers, 
 serves every torch version and ``pip install .`` works in an isolated environment with no torch.
 """
 
+from __future__ import annotations
+
 import os
 import shutil
 import subprocess
@@ -21,6 +23,7 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+ABI_HEADER = "csrc/gradfuse_abi.h"
 
 
 def find_nvcc() -> str | None:
@@ -84,7 +87,8 @@ def extensions():
         Pybind11Extension(
             "gradfuse._C_cpu",
             sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp")),
-            depends=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.h")),
+            depends=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.h")) + [ABI_HEADER],
+            include_dirs=["csrc"],  # gradfuse_abi.h, generated from gradfuse/_abi.py
             cxx_std=17,
             extra_compile_args=["-O3", "-fvisibility=hidden", "-pthread"],
             extra_link_args=["-pthread"],

@@ -1,22 +1,26 @@
-"""Backend choice, in one place.
+"""The backends, one record each, and the choice among them, in one place.
 
-A fused backend runs the two phases of ``gradfuse._abi`` over a plan. ``choose`` picks one for a
-device: an explicit request (argument, else ``GRADFUSE_BACKEND``) is honoured or fails with the
-reason the backend could not load; ``auto`` takes the fastest one that loaded and falls back
-silently. ``"torch"`` (the pure-torch reference) is not a fused backend: the engine routes to it
-when asked, and for every case no fused backend handles.
+A fused backend runs the two phases of ``gradfuse._abi`` over a plan's descriptor. Each is one
+object whose class attributes are its record: ``name``, ``devices`` (the device types it can run
+on), ``auto_for`` (the device types ``auto`` may pick it for), ``chunk_size`` (what its plans are
+built with), ``how_to_get``; ``unavailable_reason(device)`` probes it. ``FUSED_BACKENDS`` lists
+them fastest first, which is ``auto``'s order. ``choose`` honours an explicit request (argument,
+else ``GRADFUSE_BACKEND``) or fails with the reason the backend could not load; ``auto`` takes the
+first that runs and falls back silently. ``"torch"`` (the pure-torch reference) is not a fused
+backend: the engine routes to it when asked, and for every case no fused backend handles.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import os
 
 import torch
 
+from . import _abi
 from ._plan import DevicePlan
 
-BACKEND_NAMES = ("auto", "cuda", "triton", "cpu", "torch")
 ENV_VAR = "GRADFUSE_BACKEND"
 
 
@@ -27,73 +31,81 @@ class BackendUnavailableError(RuntimeError):
 BackendUnavailableError.__module__ = "gradfuse"  # raised to users: show the public name
 
 
-def _addr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
-class _CompiledBackend:
-    """A pybind11 module over raw addresses (csrc/cpu or csrc/cuda)."""
+class _Backend:
+    """A fused backend: its record (class attributes) and its two phases."""
 
     name: str
+    devices: tuple[str, ...]
+    auto_for: tuple[str, ...]
+    chunk_size: int
     module_name: str
     how_to_get: str
-    chunk_size: int
 
     def __init__(self):
         self._module = None
-        self._error: BaseException | None = None
+        self._error: str | None = None
         self._loaded = False
 
     def module(self):
+        """The compiled module or kernel package, imported once (None if it cannot be)."""
         if not self._loaded:
             self._loaded = True
             try:
-                self._module = importlib.import_module(self.module_name)
+                module = importlib.import_module(self.module_name)
             except ImportError as e:  # keep the reason for the error message
-                self._error = e
+                self._error = f"{self.module_name} could not be imported ({e!r}). {self.how_to_get}"
+            else:
+                self._error = self._stale_reason(module)
+                self._module = None if self._error else module
         return self._module
 
+    def _stale_reason(self, module) -> str | None:
+        return None
+
     def unavailable_reason(self, device: torch.device) -> str | None:
+        if device.type not in self.devices:
+            kinds = " or ".join(d.upper() for d in self.devices)
+            return f"the {self.name} backend runs on {kinds} tensors, not {device.type}"
         if self.module() is None:
-            return f"{self.module_name} could not be imported ({self._error!r}). {self.how_to_get}"
+            return self._error
         return self._device_reason(device)
 
     def _device_reason(self, device: torch.device) -> str | None:
+        return None
+
+    def reduce(self, plan: DevicePlan) -> None:
         raise NotImplementedError
 
-    def _reduce_args(self, plan, norm_kind, p, max_norm, max_norm_tensor, inv_scale, policy, tensor_norms, result):
-        return (
-            plan.addrs.data_ptr(), plan.numels.data_ptr(), plan.dtypes.data_ptr(),
-            plan.tensor_chunk_begin.data_ptr(), plan.chunk_tensor.data_ptr(), plan.chunk_start.data_ptr(),
-            plan.num_tensors, plan.num_chunks, plan.chunk_size, plan.max_tensor_chunks,
-            norm_kind, float(p), float(max_norm), _addr(max_norm_tensor), _addr(inv_scale), policy,
-            plan.chunk_partials.data_ptr(), plan.chunk_nonfinite.data_ptr(), plan.ticket.data_ptr(),
-            tensor_norms.data_ptr(), result.data_ptr(),
-        )  # fmt: skip
+    def scale(self, plan: DevicePlan) -> None:
+        raise NotImplementedError
 
-    def _scale_args(self, plan, scale, zero_if_scale_is_zero):
-        return (
-            plan.addrs.data_ptr(), plan.numels.data_ptr(), plan.dtypes.data_ptr(),
-            plan.chunk_tensor.data_ptr(), plan.chunk_start.data_ptr(),
-            plan.num_chunks, plan.chunk_size, scale.data_ptr(), bool(zero_if_scale_is_zero),
-        )  # fmt: skip
+
+class _CompiledBackend(_Backend):
+    """A pybind11 module over the descriptor's address (csrc/cpu or csrc/cuda)."""
+
+    def _stale_reason(self, module) -> str | None:
+        size = module.descriptor_size() if hasattr(module, "descriptor_size") else None
+        if size != ctypes.sizeof(_abi.ClipDesc):
+            return (
+                f"{self.module_name} was built for another kernel contract ({f'a {size}-byte descriptor' if size else 'no descriptor'}, "
+                f"gradfuse._abi declares {ctypes.sizeof(_abi.ClipDesc)}). {self.how_to_get}"
+            )
+        return None
 
 
 class CpuBackend(_CompiledBackend):
     name = "cpu"
+    devices = ("cpu",)
+    auto_for = ("cpu",)
+    chunk_size = 1 << 20  # measured: 2^16 -> 2^20 took GPT-2 bf16 from 7.7x to 8.4x torch (2 cores)
     module_name = "gradfuse._C_cpu"
     how_to_get = "Reinstall gradfuse with a C++ compiler present: pip install --no-build-isolation -e ."
-    chunk_size = 1 << 20  # measured: 2^16 -> 2^20 took GPT-2 bf16 from 7.7x to 8.4x torch (2 cores)
 
-    def _device_reason(self, device):
-        return None if device.type == "cpu" else f"the cpu backend runs on CPU tensors, not {device.type}"
+    def reduce(self, plan):
+        self._module.reduce(plan.desc.address(), torch.get_num_threads())
 
-    def reduce(self, plan: DevicePlan, norm_kind, p, max_norm, max_norm_tensor, inv_scale, policy, tensor_norms, result):
-        args = self._reduce_args(plan, norm_kind, p, max_norm, max_norm_tensor, inv_scale, policy, tensor_norms, result)
-        self.module().reduce(*args, torch.get_num_threads())
-
-    def scale(self, plan: DevicePlan, scale: torch.Tensor, zero_if_scale_is_zero: bool):
-        self.module().scale(*self._scale_args(plan, scale, zero_if_scale_is_zero), torch.get_num_threads())
+    def scale(self, plan):
+        self._module.scale(plan.desc.address(), torch.get_num_threads())
 
 
 def _current_stream(device: torch.device) -> int:
@@ -106,80 +118,57 @@ def _current_stream(device: torch.device) -> int:
 
 class CudaBackend(_CompiledBackend):
     name = "cuda"
+    devices = ("cuda",)
+    auto_for = ("cuda",)
+    chunk_size = 1 << 16
     module_name = "gradfuse._C_cuda"
     how_to_get = (
         "Build it with nvcc on the PATH: GRADFUSE_CUDA=1 pip install --no-build-isolation -e . "
         "(or python setup.py build_ext --inplace in a source checkout)"
     )
-    chunk_size = 1 << 16
 
     def _device_reason(self, device):
-        if device.type != "cuda":
-            return f"the cuda backend runs on CUDA tensors, not {device.type}"
-        error = self.module().device_error(device.index if device.index is not None else 0)
+        error = self._module.device_error(device.index if device.index is not None else 0)
         return f"gradfuse._C_cuda: {error}" if error else None
 
-    def reduce(self, plan, norm_kind, p, max_norm, max_norm_tensor, inv_scale, policy, tensor_norms, result):
-        args = self._reduce_args(plan, norm_kind, p, max_norm, max_norm_tensor, inv_scale, policy, tensor_norms, result)
-        self.module().reduce(*args, plan.device.index, _current_stream(plan.device))
+    def reduce(self, plan):
+        self._module.reduce(plan.desc.address(), plan.device.index, _current_stream(plan.device))
 
-    def scale(self, plan, scale, zero_if_scale_is_zero):
-        args = self._scale_args(plan, scale, zero_if_scale_is_zero)
-        self.module().scale(*args, plan.device.index, _current_stream(plan.device))
+    def scale(self, plan):
+        self._module.scale(plan.desc.address(), plan.device.index, _current_stream(plan.device))
 
 
-class TritonBackend:
+class TritonBackend(_Backend):
     """The Triton kernels of ``gradfuse.triton_kernels`` (CUDA tensors, or CPU ones interpreted)."""
 
     name = "triton"
+    devices = ("cuda", "cpu")
+    auto_for = ("cuda",)  # on CPU tensors only through the interpreter, which is for tests
+    chunk_size = 1 << 16
+    module_name = "gradfuse.triton_kernels"
     how_to_get = "Install triton (pip install triton) on Linux x86-64."
 
-    def __init__(self):
-        self._kernels = None
-        self._error: BaseException | None = None
-        self._loaded = False
-
-    def kernels(self):
-        if not self._loaded:
-            self._loaded = True
-            try:
-                self._kernels = importlib.import_module("gradfuse.triton_kernels")
-            except ImportError as e:
-                self._error = e
-        return self._kernels
-
-    @property
-    def chunk_size(self) -> int:
-        return self.kernels().CHUNK_SIZE
-
-    def unavailable_reason(self, device: torch.device) -> str | None:
-        kernels = self.kernels()
-        if kernels is None:
-            return f"gradfuse.triton_kernels could not be imported ({self._error!r}). {self.how_to_get}"
-        if device.type == "cuda":
-            if kernels.INTERPRETED:
-                return "the Triton kernels were built by its interpreter (TRITON_INTERPRET=1), which runs on CPU tensors only"
-            return None
-        if device.type == "cpu":
-            if kernels.INTERPRETED:
-                return None
+    def _device_reason(self, device):
+        interpreted = self._module.INTERPRETED
+        if device.type == "cuda" and interpreted:
+            return "the Triton kernels were built by its interpreter (TRITON_INTERPRET=1), which runs on CPU tensors only"
+        if device.type == "cpu" and not interpreted:
             return (
                 "Triton runs on CPU tensors only through its interpreter: set TRITON_INTERPRET=1 before "
                 "gradfuse.triton_kernels is first imported"
             )
-        return f"the triton backend runs on CUDA tensors, not {device.type}"
+        return None
 
-    def reduce(self, plan, norm_kind, p, max_norm, max_norm_tensor, inv_scale, policy, tensor_norms, result):
-        self.kernels().reduce(plan, norm_kind, p, max_norm, max_norm_tensor, inv_scale, policy, tensor_norms, result)
+    def reduce(self, plan):
+        self._module.reduce(plan.desc, plan.device)
 
-    def scale(self, plan, scale, zero_if_scale_is_zero):
-        self.kernels().scale(plan, scale, zero_if_scale_is_zero)
+    def scale(self, plan):
+        self._module.scale(plan.desc, plan.device)
 
 
+#: Every fused backend, fastest first (auto's order; see benchmarks/results for the figures).
 FUSED_BACKENDS = {b.name: b for b in (CudaBackend(), TritonBackend(), CpuBackend())}
-
-# auto's preference per device type, fastest first (see benchmarks/results for the figures).
-_AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
+BACKEND_NAMES = ("auto", *FUSED_BACKENDS, "torch")
 
 
 def requested_backend(backend: str | None) -> str:
@@ -191,7 +180,7 @@ def requested_backend(backend: str | None) -> str:
     return name
 
 
-def choose(name: str, device: torch.device):
+def choose(name: str, device: torch.device) -> _Backend | None:
     """The fused backend to run on ``device``, or None for the torch reference path.
 
     ``name`` comes from ``requested_backend``. An explicit fused backend that cannot run on this
@@ -205,9 +194,8 @@ def choose(name: str, device: torch.device):
         if reason is not None:
             raise BackendUnavailableError(f"gradfuse backend {name!r} is unavailable: {reason}")
         return backend
-    for candidate in _AUTO_ORDER.get(device.type, ()):
-        backend = FUSED_BACKENDS[candidate]
-        if backend.unavailable_reason(device) is None:
+    for backend in FUSED_BACKENDS.values():
+        if device.type in backend.auto_for and backend.unavailable_reason(device) is None:
             return backend
     return None
 
@@ -217,5 +205,3 @@ def available_backends(device: torch.device | str) -> list[str]:
     device = torch.device(device)
     names = [n for n, b in FUSED_BACKENDS.items() if b.unavailable_reason(device) is None]
     return names + ["torch"]
-
-

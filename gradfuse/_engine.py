@@ -1,8 +1,10 @@
 """The one way through: validated gradients -> route (fused backend or reference) -> plan -> kernels.
 
-``clip`` is the single implementation behind every public norm/clip function. It never synchronises
-with the host, except to raise for ``error_if_nonfinite=True`` (one read of the total, before any
-gradient is touched).
+``clip`` is the single implementation behind every public norm/clip function, composed of two
+steps that the distributed layer also uses on their own: ``measure`` (one read: norms, per-tensor
+statistics, NaN/Inf check, coefficient) and ``apply_scale`` (the scale pass, skipped on the device
+where the factor is 1). It never synchronises with the host, except to raise for
+``error_if_nonfinite=True`` (one read of the total, before any gradient is touched).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 from . import _abi, _reference
 from ._backends import choose, requested_backend
-from ._plan import PLANS, build_plan, fingerprint
+from ._plan import DTYPE_TAGS, PLANS, REQUIRES_GRAD, DevicePlan, build_plan, fingerprint, overlap_reason
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,13 @@ class ClipResult:
     ``found_inf``: float32, 1.0 when a gradient holds a NaN or Inf (GradScaler's convention);
     ``clip_coef``: ``min(1, max_norm / (total_norm + 1e-6))``;
     ``scale``: the factor applied to the gradients (or handed to an optimizer);
-    ``norm_dtype``: the dtype torch would return the total norm in.
+    ``tensor_partials``: float64 per-gradient ``S_t`` before the root (sum of ``|x|^p``; max/min
+    ``|x|`` for +-inf; the count of non-zeros for 0), without ``inv_scale``;
+    ``tensor_max_abs``: float32 per-gradient max ``|x|`` (NaN where a gradient holds a NaN);
+    ``tensor_counts``: int64 ``[T, 2]``, NaN and Inf elements per gradient (None from the torch
+    reference unless ``stats=True`` was asked for: it costs an op per gradient there);
+    ``tensor_scales``: float32 per-gradient factors of a layer-wise clip, else None;
+    ``norm_dtype``: the dtype torch would return the total norm in; ``norm_type``: p.
     """
 
     total_norm: torch.Tensor
@@ -33,8 +41,13 @@ class ClipResult:
     found_inf: torch.Tensor
     clip_coef: torch.Tensor
     scale: torch.Tensor
+    tensor_partials: torch.Tensor
+    tensor_max_abs: torch.Tensor
+    tensor_counts: torch.Tensor | None
     norm_dtype: torch.dtype
     backend: str
+    norm_type: float = 2.0
+    tensor_scales: torch.Tensor | None = None
 
     @property
     def torch_norm(self) -> torch.Tensor:
@@ -45,15 +58,12 @@ class ClipResult:
 ClipResult.__module__ = "gradfuse"  # public as gradfuse.ClipResult (also for pickle)
 
 
-def _real(dtype: torch.dtype) -> torch.dtype:
-    return _reference.accumulation_dtype(dtype) if dtype.is_complex else dtype
-
-
 def torch_norm_dtype(dtypes) -> torch.dtype:
     """torch stacks per-(device, dtype) norms, so its total has the promoted real dtype."""
     out = None
     for dtype in set(dtypes):
-        out = _real(dtype) if out is None else torch.promote_types(out, _real(dtype))
+        real = _reference.accumulation_dtype(dtype) if dtype.is_complex else dtype
+        out = real if out is None else torch.promote_types(out, real)
     return out
 
 
@@ -77,7 +87,7 @@ def fused_ineligible_reason(grads: list[torch.Tensor]) -> str | None:
             return f"gradient {i} is a {type(g).__name__}, a tensor subclass"
         if g.layout is not torch.strided:
             return f"gradient {i} has layout {g.layout}"
-        if g.dtype not in _abi.DTYPE_TAGS:
+        if g.dtype not in DTYPE_TAGS:
             return f"gradient {i} has dtype {g.dtype}"
         if g.device != device:
             return "the gradients are on several devices"
@@ -85,12 +95,10 @@ def fused_ineligible_reason(grads: list[torch.Tensor]) -> str | None:
             return f"gradient {i} requires grad (create_graph)"
         if not _is_dense(g):
             return f"gradient {i} is a strided view with gaps or overlaps"
-    if len({g.data_ptr() for g in grads if g.numel()}) != sum(1 for g in grads if g.numel()):
-        return "a gradient appears twice"
-    return None
+    return overlap_reason(grads)
 
 
-def _fused_plan(backend, grads: list[torch.Tensor], dtypes: tuple[torch.dtype, ...]):
+def _fused_plan(backend, grads: list[torch.Tensor], dtypes: tuple[torch.dtype, ...]) -> DevicePlan | None:
     """The cached plan for ``grads`` on ``backend``, or None when they need the reference path."""
     try:
         key = fingerprint(grads, dtypes)
@@ -99,10 +107,12 @@ def _fused_plan(backend, grads: list[torch.Tensor], dtypes: tuple[torch.dtype, .
     chunk = backend.chunk_size
     plan = PLANS.lookup(backend.name, chunk, key)
     if plan is not None:
-        # The fingerprint holds addresses, sizes and dtypes; a new tensor at the same address
-        # with another layout is caught by the full check whenever a gradient is not contiguous.
-        if all(map(torch.Tensor.is_contiguous, grads)) or fused_ineligible_reason(grads) is None:
-            return plan
+        # The key holds the device, addresses, sizes and dtypes, which fix the spans (so no overlap
+        # appears on a hit); what it cannot see is checked again: a subclass or a gradient that
+        # requires grad at a cached address, and a new layout (whenever a gradient is not contiguous).
+        if set(map(type, grads)) == {torch.Tensor} and not any(map(REQUIRES_GRAD, grads)):
+            if all(map(torch.Tensor.is_contiguous, grads)) or fused_ineligible_reason(grads) is None:
+                return plan
         return None
     if fused_ineligible_reason(grads) is not None:
         return None
@@ -116,13 +126,100 @@ def _device_scalar(x: torch.Tensor | None, device: torch.device) -> torch.Tensor
     return x.detach().to(device=device, dtype=torch.float32).reshape(1).contiguous()
 
 
-def _raise_if_nonfinite(total: torch.Tensor, p: float) -> None:
+def _addr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def raise_if_nonfinite(total: torch.Tensor, p: float) -> None:
     if not bool(torch.isfinite(total)):  # the one documented host sync
         raise RuntimeError(
             f"The total norm of order {p} for gradients from `parameters` is non-finite, so it cannot be "
             "clipped. To disable this error and scale the gradients by the non-finite norm anyway, "
             "set `error_if_nonfinite=False`"
         )
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a measured set of gradients is scaled: a fused backend's plan, or the reference path."""
+
+    grads: list[torch.Tensor]
+    backend: object | None = None  # the fused backend, None for the reference
+    plan: DevicePlan | None = None
+    foreach: bool | None = None
+
+
+def target(grads, dtypes, backend: str | None, foreach: bool | None = None) -> Target:
+    """The fused plan for ``grads`` if a fused backend can take them, else the reference path."""
+    name = requested_backend(backend)
+    fused = choose(name, grads[0].device) if name != "torch" else None
+    plan = _fused_plan(fused, grads, dtypes) if fused is not None else None
+    return Target(grads, fused, plan, foreach) if plan is not None else Target(grads, foreach=foreach)
+
+
+def measure(
+    at: Target,
+    max_norm: float | torch.Tensor,
+    p: float,
+    *,
+    policy: int = _abi.POLICY_PROPAGATE,
+    inv_scale: torch.Tensor | None = None,
+    per_tensor: bool = False,
+    stats: bool = False,
+    dtypes: tuple[torch.dtype, ...],
+) -> ClipResult:
+    """One read of the gradients: norms, statistics, NaN/Inf check, coefficient and scale (the
+    kernel contract, ``gradfuse._abi``). ``per_tensor``: also each gradient's own clip factor
+    (``tensor_scales``, layer-wise clipping). ``stats``: the reference path also counts NaN/Inf."""
+    if at.plan is None:
+        return _reference.measure(at.grads, max_norm, p, at.foreach, policy, inv_scale, per_tensor, stats, dtypes)
+    plan, device, t = at.plan, at.plan.device, at.plan.num_tensors
+    max_norm_tensor = _device_scalar(max_norm, device) if isinstance(max_norm, torch.Tensor) else None
+    inv_scale = _device_scalar(inv_scale, device)
+    f32 = torch.empty(2 * t + _abi.RESULT_SIZE + (t if per_tensor else 0), dtype=torch.float32, device=device)
+    partials = torch.empty(t, dtype=torch.float64, device=device)
+    counts = torch.empty((t, 2), dtype=torch.int64, device=device)
+    result, norms, max_abs = f32[: _abi.RESULT_SIZE], f32[_abi.RESULT_SIZE : _abi.RESULT_SIZE + t], f32[_abi.RESULT_SIZE + t : _abi.RESULT_SIZE + 2 * t]
+    scales = f32[_abi.RESULT_SIZE + 2 * t :] if per_tensor else None
+    d = plan.desc
+    d.norm_kind, d.p, d.policy = _abi.norm_kind(p), float(p), policy
+    d.max_norm = 0.0 if max_norm_tensor is not None else float(max_norm)
+    d.max_norm_ptr, d.inv_scale_ptr = _addr(max_norm_tensor), _addr(inv_scale)
+    d.flags = _abi.FLAG_WRITE_TENSOR_SCALES if per_tensor else 0
+    d.tensor_norms, d.tensor_partials, d.tensor_max_abs = norms.data_ptr(), partials.data_ptr(), max_abs.data_ptr()
+    d.tensor_counts, d.tensor_scales, d.result = counts.data_ptr(), _addr(scales), result.data_ptr()
+    at.backend.reduce(plan)
+    return ClipResult(
+        total_norm=result[_abi.RESULT_TOTAL],
+        tensor_norms=norms,
+        found_inf=result[_abi.RESULT_FOUND_INF],
+        clip_coef=result[_abi.RESULT_COEF],
+        scale=result[_abi.RESULT_SCALE],
+        tensor_partials=partials,
+        tensor_max_abs=max_abs,
+        tensor_counts=counts,
+        norm_dtype=torch_norm_dtype(dtypes),
+        backend=at.backend.name,
+        norm_type=float(p),
+        tensor_scales=scales,
+    )
+
+
+def apply_scale(at: Target, scale: torch.Tensor, *, per_tensor: bool = False, policy: int = _abi.POLICY_PROPAGATE) -> None:
+    """grads *= scale in place: one device scalar, or (``per_tensor``) one factor per gradient;
+    gradients whose factor is exactly 1 are not touched (decided on the device); POLICY_ZERO
+    writes zeros where the factor is 0."""
+    if at.plan is None:
+        _reference.scale_grads_(at.grads, scale, at.foreach, policy, per_tensor)
+        return
+    plan = at.plan
+    factor = scale.detach().to(plan.device, torch.float32).contiguous()
+    d = plan.desc
+    d.flags = _abi.FLAG_READ_TENSOR_SCALES if per_tensor else 0
+    d.tensor_scales, d.scale_ptr = (factor.data_ptr(), 0) if per_tensor else (0, factor.data_ptr())
+    d.zero_if_scale_is_zero = int(policy == _abi.POLICY_ZERO)
+    at.backend.scale(plan)
+    torch._C._increment_version(at.grads)  # an in-place write, seen by autograd as torch's own
 
 
 def clip(
@@ -136,63 +233,21 @@ def clip(
     foreach: bool | None = None,
     policy: int = _abi.POLICY_PROPAGATE,
     inv_scale: torch.Tensor | None = None,
+    per_tensor: bool = False,
+    stats: bool = False,
     dtypes: tuple[torch.dtype, ...] | None = None,
 ) -> ClipResult:
-    """Norms, non-finite check and clip coefficient of ``grads`` (non-empty, validated); scales
-    them in place by the result's ``scale`` when ``apply`` (skipped on the device when it is 1).
-    ``dtypes``: the gradients' dtypes when the caller has them already."""
-    name = requested_backend(backend)
-    device = grads[0].device
+    """Measure ``grads`` (non-empty, validated); scale them in place by the result's ``scale``
+    (``tensor_scales`` when ``per_tensor``) when ``apply``. ``dtypes``: the gradients' dtypes when
+    the caller has them already."""
     dtypes = tuple(g.dtype for g in grads) if dtypes is None else dtypes
-    fused = choose(name, device) if name != "torch" else None
-    plan = _fused_plan(fused, grads, dtypes) if fused is not None else None
-    if plan is None:
-        return _reference_clip(grads, max_norm, p, apply, error_if_nonfinite, foreach, policy, inv_scale, dtypes)
-
-    kind = _abi.norm_kind(p)
-    max_norm_tensor = _device_scalar(max_norm, device) if isinstance(max_norm, torch.Tensor) else None
-    max_norm_value = 0.0 if max_norm_tensor is not None else float(max_norm)
-    inv_scale = _device_scalar(inv_scale, device)
-    tensor_norms = torch.empty(plan.num_tensors, dtype=torch.float32, device=device)
-    result = torch.empty(_abi.RESULT_SIZE, dtype=torch.float32, device=device)
-    fused.reduce(plan, kind, p, max_norm_value, max_norm_tensor, inv_scale, policy, tensor_norms, result)
+    at = target(grads, dtypes, backend, foreach)
+    r = measure(at, max_norm, p, policy=policy, inv_scale=inv_scale, per_tensor=per_tensor, stats=stats, dtypes=dtypes)
     if error_if_nonfinite:
-        _raise_if_nonfinite(result[_abi.RESULT_TOTAL], p)
-    scale = result[_abi.RESULT_SCALE]
+        raise_if_nonfinite(r.total_norm, p)
     if apply:
-        fused.scale(plan, result[_abi.RESULT_SCALE : _abi.RESULT_SCALE + 1], policy == _abi.POLICY_ZERO)
-    return ClipResult(
-        total_norm=result[_abi.RESULT_TOTAL],
-        tensor_norms=tensor_norms,
-        found_inf=result[_abi.RESULT_FOUND_INF],
-        clip_coef=result[_abi.RESULT_COEF],
-        scale=scale,
-        norm_dtype=torch_norm_dtype(dtypes),
-        backend=fused.name,
-    )
-
-
-def _reference_clip(grads, max_norm, p, apply, error_if_nonfinite, foreach, policy, inv_scale, dtypes) -> ClipResult:
-    total, tensor_norms, wide_total = _reference.norms(grads, p, foreach)
-    if inv_scale is not None and p != 0.0:
-        inv = inv_scale.reshape(()).to(total.device, total.dtype)
-        total, tensor_norms = total * inv, tensor_norms * inv
-    if error_if_nonfinite:
-        _raise_if_nonfinite(total, p)
-    found_inf = _reference.found_nonfinite(grads, p, wide_total, dtypes)
-    coef = _reference.clip_coefficient(total, max_norm)
-    scale = _reference.scale_factor(coef, found_inf, policy, inv_scale)
-    if apply:
-        _reference.scale_grads_(grads, scale, foreach, policy)
-    return ClipResult(
-        total_norm=total,
-        tensor_norms=tensor_norms,
-        found_inf=found_inf,
-        clip_coef=coef,
-        scale=scale,
-        norm_dtype=torch_norm_dtype(dtypes),
-        backend="torch",
-    )
+        apply_scale(at, r.tensor_scales if per_tensor else r.scale, per_tensor=per_tensor, policy=policy)
+    return r
 
 
 def scale_(
@@ -201,13 +256,9 @@ def scale_(
     *,
     backend: str | None = None,
     foreach: bool | None = None,
+    per_tensor: bool = False,
     zero_if_scale_is_zero: bool = False,
 ) -> None:
-    """grads *= scale (a device scalar), skipped on the device when scale == 1."""
-    name = requested_backend(backend)
-    fused = choose(name, grads[0].device) if name != "torch" else None
-    plan = _fused_plan(fused, grads, tuple(g.dtype for g in grads)) if fused is not None else None
-    if plan is None:
-        _reference.scale_grads_(grads, scale, foreach, _abi.POLICY_ZERO if zero_if_scale_is_zero else _abi.POLICY_PROPAGATE)
-        return
-    fused.scale(plan, _device_scalar(scale, plan.device), zero_if_scale_is_zero)
+    """grads *= scale (a device scalar, or one factor per gradient), skipped on the device where 1."""
+    at = target(grads, tuple(g.dtype for g in grads), backend, foreach)
+    apply_scale(at, scale, per_tensor=per_tensor, policy=_abi.POLICY_ZERO if zero_if_scale_is_zero else _abi.POLICY_PROPAGATE)

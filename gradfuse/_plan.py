@@ -1,19 +1,23 @@
 """Plans: the per-device tables a fused backend walks, cached while the same storages come back.
 
 A plan maps a list of gradients on one device to the tables of ``gradfuse._abi`` (addresses,
-numels, dtype tags, chunk map) plus the backend's reusable workspace. Training loops hand the same
-gradient storages every step, so the plan is built once and found again by its fingerprint
-(addresses, numels, dtypes); building it is the only host-to-device copy on the path.
+numels, dtype tags, chunk map), the reusable workspace, and a clip descriptor whose plan fields are
+filled once. Training loops hand the same gradient storages every step, so the plan is built once
+and found again by its fingerprint (device, addresses, numels, dtypes); building it is the only
+host-to-device copy on the path.
 """
 
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
-from ._abi import DTYPE_TAGS
+from . import _abi
+
+DTYPE_TAGS = {torch.float32: _abi.DTYPE_F32, torch.float16: _abi.DTYPE_F16, torch.bfloat16: _abi.DTYPE_BF16}
 
 _CACHE_SIZE = 16
 
@@ -33,22 +37,34 @@ class DevicePlan:
     chunk_tensor: torch.Tensor
     chunk_start: torch.Tensor
     # Workspace reused between calls.
-    chunk_partials: torch.Tensor  # float32[C]
-    chunk_nonfinite: torch.Tensor  # int32[C]
+    chunk_partials: torch.Tensor  # float64[C]
+    chunk_max_abs: torch.Tensor  # float32[C]
+    chunk_counts: torch.Tensor  # int32[2C]
     ticket: torch.Tensor  # int32[1], zero between calls
-    max_tensor_chunks: int  # chunks of the largest tensor (sizes the finalize loops)
+    # The descriptor with the fields above filled; the engine writes the per-call ones.
+    desc: _abi.ClipDesc
 
 
-def fingerprint(grads: list[torch.Tensor], dtypes: tuple[torch.dtype, ...] | None = None) -> tuple:
-    """What makes a plan reusable: the same addresses, sizes and dtypes in the same order
-    (``dtypes`` when the caller has them already)."""
-    if dtypes is None:
-        dtypes = tuple(g.dtype for g in grads)
-    return (tuple(map(torch.Tensor.data_ptr, grads)), tuple(map(torch.Tensor.numel, grads)), dtypes)
+def fingerprint(grads: list[torch.Tensor], dtypes: tuple[torch.dtype, ...]) -> tuple:
+    """What makes a plan reusable: the same addresses, sizes and dtypes in the same order, on the
+    same device. (Under CUDA's unified addressing an address names one device's or the host's
+    memory, so the first gradient's device stands for all of them.)"""
+    return (grads[0].device, tuple(map(torch.Tensor.data_ptr, grads)), tuple(map(torch.Tensor.numel, grads)), dtypes)
+
+
+def overlap_reason(grads: list[torch.Tensor]) -> str | None:
+    """Why two of ``grads`` (dense, one device) share memory, or None: their spans
+    [data_ptr, data_ptr + numel * itemsize) sorted by address must not overlap (two workers would
+    scale the same bytes; torch scales a gradient given twice twice)."""
+    spans = sorted((g.data_ptr(), g.data_ptr() + g.numel() * g.element_size(), i) for i, g in enumerate(grads) if g.numel())
+    for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
+        if start < end:
+            return f"gradients {min(i, j)} and {max(i, j)} share memory"
+    return None
 
 
 def build_plan(grads: list[torch.Tensor], chunk_size: int) -> DevicePlan:
-    """Tables for ``grads`` (dense, one device, fp32/fp16/bf16), chunked by ``chunk_size``."""
+    """Tables for ``grads`` (dense, non-overlapping, one device, fp32/fp16/bf16), chunked by ``chunk_size``."""
     device = grads[0].device
     num_tensors = len(grads)
     numels = [g.numel() for g in grads]
@@ -75,7 +91,8 @@ def build_plan(grads: list[torch.Tensor], chunk_size: int) -> DevicePlan:
     if device.type != "cpu":
         meta = meta.pin_memory().to(device, non_blocking=True)
 
-    return DevicePlan(
+    c = max(num_chunks, 1)
+    plan = DevicePlan(
         device=device,
         chunk_size=chunk_size,
         num_tensors=num_tensors,
@@ -87,11 +104,18 @@ def build_plan(grads: list[torch.Tensor], chunk_size: int) -> DevicePlan:
         tensor_chunk_begin=meta[3 * t : 4 * t + 1],
         chunk_tensor=meta[c0 : c0 + num_chunks],
         chunk_start=meta[c0 + num_chunks :],
-        chunk_partials=torch.empty(max(num_chunks, 1), dtype=torch.float32, device=device),
-        chunk_nonfinite=torch.empty(max(num_chunks, 1), dtype=torch.int32, device=device),
+        chunk_partials=torch.empty(c, dtype=torch.float64, device=device),
+        chunk_max_abs=torch.empty(c, dtype=torch.float32, device=device),
+        chunk_counts=torch.empty(2 * c, dtype=torch.int32, device=device),
         ticket=torch.zeros(1, dtype=torch.int32, device=device),
-        max_tensor_chunks=max(chunks_per_tensor, default=0),
+        desc=_abi.ClipDesc(),
     )
+    d = plan.desc
+    for name in ("addrs", "numels", "dtypes", "tensor_chunk_begin", "chunk_tensor", "chunk_start",
+                 "chunk_partials", "chunk_max_abs", "chunk_counts", "ticket"):  # fmt: skip
+        setattr(d, name, getattr(plan, name).data_ptr())
+    d.num_tensors, d.num_chunks, d.chunk_size = num_tensors, num_chunks, chunk_size
+    return plan
 
 
 class PlanCache:
@@ -125,3 +149,5 @@ class PlanCache:
 
 
 PLANS = PlanCache()
+
+REQUIRES_GRAD = operator.attrgetter("requires_grad")

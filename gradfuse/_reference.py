@@ -1,15 +1,19 @@
 """The pure-torch reference path (``backend="torch"``), and the route for what no fused backend runs.
 
-It computes what the fused kernels compute (``gradfuse._abi``), with torch ops: per-tensor norms in
-fp64, the total as the norm of the stacked per-tensor norms (torch's formula), both returned in the
-accumulation dtype (fp32, or fp64 for fp64 grads; complex gives a real norm), the coefficient
-``min(1, max_norm / (total + 1e-6))`` on that rounded total, and one multiply per (device, dtype)
-group. It takes every gradient torch takes (fp64, complex, sparse raises as in torch, tensor
-subclasses such as DTensor, any device, several devices in one call) with torch's semantics, except
-for the documented numerical fixes (no fp16 overflow, no double rounding, no fp32 drift).
+It computes what the fused kernels compute (``gradfuse._abi``), with torch ops: per-tensor norms
+in fp64, the total as the norm of the stacked per-tensor norms (torch's formula), both returned in
+the accumulation dtype (fp32, or fp64 for fp64 grads; complex gives a real norm), max |x| per
+tensor (which also gives ``found_inf``: it is finite exactly when the tensor is), the coefficient
+``min(1, max_norm / (total + 1e-6))`` and one multiply per (device, dtype) group. A fixed number of
+ops per group, none per tensor (except the NaN/Inf counts, computed only when asked for). It takes
+every gradient torch takes (fp64, complex, sparse raises as in torch, tensor subclasses, any
+device, several devices in one call) with torch's semantics, except for the documented numerical
+fixes (no fp16 overflow, no double rounding, no fp32 drift).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.utils._foreach_utils import (
@@ -52,71 +56,70 @@ def _use_foreach(tensors: list[torch.Tensor], device: torch.device, foreach: boo
     return bool(foreach)
 
 
-def norms(grads: list[torch.Tensor], p: float, foreach: bool | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(total, per-tensor norms in input order, wide total) on the first gradient's device. The first
-    two in the accumulation dtype; the wide total unrounded (fp64 for real gradients). The total is
-    torch's: the p-norm of the per-(device, dtype)-group norms stacked in group order, computed in
-    fp64 and rounded once. A few ops per group, none per tensor."""
-    first = grads[0].device
-    acc = torch.float32
-    for dtype in {g.dtype for g in grads}:
-        acc = torch.promote_types(acc, accumulation_dtype(dtype))
-    blocks: list[torch.Tensor] = []
-    order: list[int] = []  # input index of each norm, in group order
-    grouped = _group_tensors_by_device_and_dtype([grads], with_indices=True)
-    for (device, dtype), ([group], indices) in grouped.items():
-        cast = _compute_dtype(dtype)
-        if _use_foreach(group, device, foreach) and (cast is None or _FOREACH_NORM_TAKES_DTYPE):
-            group_norms = torch._foreach_norm(group, p, dtype=cast) if cast else torch._foreach_norm(group, p)
-        else:
-            group_norms = [torch.linalg.vector_norm(g, p, dtype=cast) for g in group]
-        blocks.append(torch.stack(list(group_norms)).to(first))
-        order.extend(indices)
+def _in_input_order(blocks: list[torch.Tensor], order: list[int]) -> torch.Tensor:
+    """Per-group rows concatenated, put back in the order of the gradients given."""
     in_group_order = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
-    wide_total = torch.linalg.vector_norm(in_group_order, p)
-    if order == list(range(len(grads))):
-        in_input_order = in_group_order
-    else:
-        position = [0] * len(grads)
-        for k, i in enumerate(order):
-            position[i] = k
-        rows = in_group_order.unbind(0)
-        in_input_order = torch.stack([rows[k] for k in position])
-    return wide_total.to(acc), in_input_order.to(acc), wide_total
+    if order == list(range(len(order))):
+        return in_group_order
+    position = [0] * len(order)
+    for k, i in enumerate(order):
+        position[i] = k
+    return in_group_order[torch.tensor(position, device=in_group_order.device)]
 
 
-# Where the fp64 sum of |x|^p over finite fp16/bf16/fp32 values cannot overflow ((3.4e38)^4 times
-# 2^63 elements is 1e173), a NaN or Inf element is exactly what makes the total non-finite.
-_TOTAL_SHOWS_NONFINITE_MAX_P = 4.0
-_NARROW_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def found_nonfinite(grads: list[torch.Tensor], p: float, wide_total: torch.Tensor, dtypes) -> torch.Tensor:
-    """float32 1.0 if any element is NaN or Inf (not an overflow of the norm). Read off the fp64
-    total where that is exact (0 < p <= 4, fp16/bf16/fp32 gradients); otherwise from max |x| per
-    tensor, which is finite exactly when the tensor is."""
+def _per_tensor(grads: list[torch.Tensor], fn) -> torch.Tensor:
+    """``fn(group, device, dtype)`` -> a tensor of one row per tensor of the group, rows put back in
+    input order on the first gradient's device."""
     first = grads[0].device
-    if 0 < p <= _TOTAL_SHOWS_NONFINITE_MAX_P and all(d in _NARROW_DTYPES for d in set(dtypes)):  # total is fp64
-        return (~torch.isfinite(wide_total)).to(torch.float32)
-    nonempty = [g for g in grads if g.numel()]
+    blocks, order = [], []
+    for (device, dtype), ([group], indices) in _group_tensors_by_device_and_dtype([grads], with_indices=True).items():
+        blocks.append(fn(group, device, dtype).to(first))
+        order.extend(indices)
+    return _in_input_order(blocks, order)
+
+
+def _norms64(group, device, p: float, foreach, dtype) -> torch.Tensor:
+    """The p-norm of each tensor of a group, in fp64 (complex: their real dtype)."""
+    cast = _compute_dtype(dtype)
+    if _use_foreach(group, device, foreach) and (cast is None or _FOREACH_NORM_TAKES_DTYPE):
+        return torch.stack(torch._foreach_norm(group, p, dtype=cast) if cast else torch._foreach_norm(group, p))
+    return torch.stack([torch.linalg.vector_norm(g, p, dtype=cast) for g in group])
+
+
+def _max_abs(group, device, dtype) -> torch.Tensor:
+    """max |x| per tensor of a group (NaN propagates; 0 for an empty tensor), float64."""
+    nonempty = [i for i, g in enumerate(group) if g.numel()]
     if not nonempty:
-        return torch.zeros((), dtype=torch.float32, device=first)
-    blocks = []
-    grouped = _group_tensors_by_device_and_dtype([nonempty])
-    for (device, _), ([group], _) in grouped.items():
-        if _has_foreach_support(group, device):
-            maxima = torch._foreach_norm(group, float("inf"))
-        else:
-            maxima = [torch.linalg.vector_norm(g, float("inf")) for g in group]
-        blocks.append(torch.stack(list(maxima)).to(first, torch.float64))
-    return (~torch.isfinite(torch.cat(blocks))).any().to(torch.float32)
+        return torch.zeros(len(group), dtype=torch.float64, device=device)
+    tensors = [group[i] for i in nonempty]
+    maxima = torch._foreach_norm(tensors, math.inf) if _has_foreach_support(tensors, device) else [torch.linalg.vector_norm(g, math.inf) for g in tensors]
+    stacked = torch.stack(list(maxima)).to(torch.float64)
+    if len(nonempty) == len(group):
+        return stacked
+    return torch.zeros(len(group), dtype=torch.float64, device=device).index_copy_(0, torch.tensor(nonempty, device=device), stacked)
 
 
-def clip_coefficient(total: torch.Tensor, max_norm: float | torch.Tensor) -> torch.Tensor:
+def _counts(group, device, dtype) -> torch.Tensor:
+    """[n, 2] int64: NaN and Inf elements per tensor of a group (an op per tensor)."""
+    return torch.stack([torch.stack((g.isnan().sum(), g.isinf().sum())) for g in group])
+
+
+def _partials(norms64: torch.Tensor, p: float) -> torch.Tensor:
+    """S_t from the fp64 norms: norm^p (sum |x|^p), the norm itself for +-inf and 0."""
+    if p in (math.inf, -math.inf, 0.0):
+        return norms64
+    return norms64.pow(p)
+
+
+def clip_coefficient(total: torch.Tensor, max_norm: float | torch.Tensor, wide_total: torch.Tensor | None = None) -> torch.Tensor:
     """min(1, max_norm / (total + 1e-6)) in fp64 on the given (rounded) total, rounded once to the
-    total's dtype; torch.clamp keeps a NaN."""
+    total's dtype; torch.clamp keeps a NaN. Where the rounded total overflowed to inf, the
+    unrounded ``wide_total`` (a norm beyond fp32 still clips by a finite factor)."""
     wide = torch.float64 if total.device.type != "mps" else torch.float32
-    coef = torch.clamp(max_norm / (total.to(wide) + _abi.CLIP_EPS), max=1.0)
+    t = total.to(wide)
+    if wide_total is not None:
+        t = torch.where(torch.isinf(t), wide_total.to(wide), t)
+    coef = torch.clamp(max_norm / (t + _abi.CLIP_EPS), max=1.0)
     return coef.to(total.dtype)
 
 
@@ -130,25 +133,63 @@ def scale_factor(coef: torch.Tensor, found_inf: torch.Tensor, policy: int, inv_s
     return scale
 
 
-def scale_grads_(grads: list[torch.Tensor], scale: torch.Tensor, foreach: bool | None, policy: int = _abi.POLICY_PROPAGATE) -> None:
-    """grads *= scale (a 0-dim tensor) per (device, dtype) group, in place like torch (a duplicate
-    gradient is scaled twice). Under POLICY_SKIP every bit stays as it was when scale == 1 (NaN
-    payloads survive a skipped step); under POLICY_ZERO a zero scale writes zeros (NaN * 0 would
-    stay NaN)."""
-    scale = scale.reshape(())
-    grouped = _group_tensors_by_device_and_dtype([grads])
-    for (device, _), ([group], _) in grouped.items():
-        s = scale.to(device)
-        if policy == _abi.POLICY_PROPAGATE:
+def measure(grads, max_norm, p, foreach, policy, inv_scale, per_tensor, stats, dtypes):
+    """The kernel contract's reduce with torch ops; returns a ``gradfuse.ClipResult``."""
+    from ._engine import ClipResult, torch_norm_dtype
+
+    acc = torch.float32
+    for dtype in set(dtypes):
+        acc = torch.promote_types(acc, accumulation_dtype(dtype))
+    # The total is torch's: the p-norm of the per-tensor norms, in fp64, rounded once.
+    norms64 = _per_tensor(grads, lambda group, device, dtype: _norms64(group, device, p, foreach, dtype))
+    wide_total = torch.linalg.vector_norm(norms64, p)
+    partials = _partials(norms64.to(torch.float64), p)
+    if inv_scale is not None and p != 0.0:  # norms of the unscaled gradients (L0 counts stay counts)
+        inv = inv_scale.reshape(()).to(norms64.device, norms64.dtype)
+        wide_total, norms64 = wide_total * inv, norms64 * inv
+    total, tensor_norms = wide_total.to(acc), norms64.to(acc)
+    max_abs = _per_tensor(grads, _max_abs)
+    found_inf = (~torch.isfinite(max_abs)).any().to(torch.float32)
+    coef = clip_coefficient(total, max_norm, wide_total)
+    scales = None
+    if per_tensor:
+        scales = scale_factor(clip_coefficient(tensor_norms, max_norm, norms64), found_inf, policy, inv_scale).to(torch.float32)
+    return ClipResult(
+        total_norm=total,
+        tensor_norms=tensor_norms,
+        found_inf=found_inf,
+        clip_coef=coef,
+        scale=scale_factor(coef, found_inf, policy, inv_scale),
+        tensor_partials=partials,
+        tensor_max_abs=max_abs.to(torch.float32),
+        tensor_counts=_per_tensor(grads, _counts) if stats else None,
+        norm_dtype=torch_norm_dtype(dtypes),
+        backend="torch",
+        norm_type=float(p),
+        tensor_scales=scales,
+    )
+
+
+def scale_grads_(grads: list[torch.Tensor], scale: torch.Tensor, foreach: bool | None, policy: int = _abi.POLICY_PROPAGATE,
+                 per_tensor: bool = False) -> None:  # fmt: skip
+    """grads *= scale (a 0-dim tensor, or one factor per gradient) in place like torch (a duplicate
+    gradient is scaled twice). POLICY_PROPAGATE: torch's foreach multiply per (device, dtype)
+    group. Otherwise, or per tensor, as the kernels do: every bit stays as it was where the factor
+    is 1 (NaN payloads survive a skipped step), and POLICY_ZERO writes zeros where it is 0 (NaN * 0
+    would stay NaN)."""
+    if not per_tensor and policy == _abi.POLICY_PROPAGATE:
+        scale = scale.reshape(())
+        for (device, _), ([group], _) in _group_tensors_by_device_and_dtype([grads]).items():
             if _use_foreach(group, device, foreach):
-                torch._foreach_mul_(group, s)
+                torch._foreach_mul_(group, scale.to(device))
             else:
                 for g in group:
-                    g.mul_(s)
-            continue
-        keep, zero = s == 1, s == 0
-        for g in group:
-            new = g * s
-            if policy == _abi.POLICY_ZERO:
-                new.masked_fill_(zero, 0)
-            g.copy_(torch.where(keep, g, new))
+                    g.mul_(scale.to(device))
+        return
+    factors = scale.reshape(-1) if per_tensor else scale.reshape(()).expand(len(grads))
+    for g, s in zip(grads, factors.unbind(0)):
+        s = s.to(g.device)
+        new = g * s
+        if policy == _abi.POLICY_ZERO:
+            new.masked_fill_(s == 0, 0)
+        g.copy_(torch.where(s == 1, g, new))

@@ -10,6 +10,7 @@ import types
 import warnings
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
 from .ops import is_compiling
@@ -64,6 +65,10 @@ def _as_float(value, name: str, fn: str) -> float:
             return float(value)  # torch accepts 'inf'
         except ValueError:
             raise TypeError(f"{fn}: {name} must be a number, got the string {value!r}") from None
+    if isinstance(value, np.ndarray):  # torch takes a 0-d array (np.array(1.0)) through float()
+        if value.ndim != 0:
+            raise TypeError(f"{fn}: {name} must be a number or a 0-d array, got an array of shape {list(value.shape)}")
+        value = value[()]  # the numpy scalar, checked below like any number
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{fn}: {name} must be a number or a one-element tensor, got shape {list(value.shape)}")

@@ -30,8 +30,9 @@ def clip_(
     policy: int,
     inv_scale: torch.Tensor | None,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (packed, tensor_norms): packed = [total, found_inf, coef, scale]."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (packed, tensor_norms, tensor_partials, tensor_max_abs, tensor_counts):
+    packed = [total, found_inf, coef, scale]."""
     r = _engine.clip(
         grads,
         max_norm if max_norm_tensor is None else max_norm_tensor,
@@ -40,16 +41,19 @@ def clip_(
         backend=backend,
         policy=policy,
         inv_scale=inv_scale,
+        stats=True,
     )
     dtype = packed_dtype(grads)
     packed = torch.stack([r.total_norm.to(dtype), r.found_inf.to(dtype), r.clip_coef.to(dtype), r.scale.to(dtype)])
-    return packed, r.tensor_norms.to(dtype).clone()
+    return (packed, r.tensor_norms.to(dtype).clone(), r.tensor_partials.clone(), r.tensor_max_abs.clone(),
+            r.tensor_counts.clone())  # fmt: skip
 
 
 @clip_.register_fake
 def _(grads, max_norm, max_norm_tensor, norm_type, apply, policy, inv_scale, backend):
-    dtype = packed_dtype(grads)
-    return grads[0].new_empty(4, dtype=dtype), grads[0].new_empty(len(grads), dtype=dtype)
+    dtype, t = packed_dtype(grads), len(grads)
+    return (grads[0].new_empty(4, dtype=dtype), grads[0].new_empty(t, dtype=dtype), grads[0].new_empty(t, dtype=torch.float64),
+            grads[0].new_empty(t, dtype=torch.float32), grads[0].new_empty((t, 2), dtype=torch.int64))  # fmt: skip
 
 
 @torch.library.custom_op(f"{_LIB}::scale_", mutates_args=("grads",))
@@ -74,7 +78,7 @@ def clip_compiled(grads, max_norm, p, *, apply, backend, error_if_nonfinite, pol
     """The engine's clip, as seen by torch.compile (error_if_nonfinite becomes a device assert)."""
     is_tensor = isinstance(max_norm, torch.Tensor)
     # With error_if_nonfinite the check must come before any gradient is scaled: reduce, assert, scale.
-    packed, tensor_norms = torch.ops.gradfuse.clip_(
+    packed, tensor_norms, tensor_partials, tensor_max_abs, tensor_counts = torch.ops.gradfuse.clip_(
         grads, 0.0 if is_tensor else float(max_norm), max_norm if is_tensor else None, p,
         apply and not error_if_nonfinite, policy, inv_scale, backend,
     )  # fmt: skip
@@ -88,6 +92,10 @@ def clip_compiled(grads, max_norm, p, *, apply, backend, error_if_nonfinite, pol
         found_inf=packed[1],
         clip_coef=packed[2],
         scale=packed[3],
+        tensor_partials=tensor_partials,
+        tensor_max_abs=tensor_max_abs,
+        tensor_counts=tensor_counts,
         norm_dtype=_engine.torch_norm_dtype(g.dtype for g in grads),
         backend=backend,
+        norm_type=float(p),
     )

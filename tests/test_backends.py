@@ -203,7 +203,7 @@ def _cases():
         "subclass": (lambda: [torch.randn(6, generator=g).as_subclass(MyTensor)], "a MyTensor, a tensor subclass"),
         "strided_gaps": (lambda: [base[:, ::2]], "a strided view with gaps or overlaps"),
         "expanded": (lambda: [torch.randn(1, 4, generator=g).expand(3, 4)], "a strided view with gaps or overlaps"),
-        "duplicate": (lambda: [dup, randn(3), dup], "a gradient appears twice"),
+        "duplicate": (lambda: [dup, randn(3), dup], "gradients 0 and 2 share memory"),
         "requires_grad": (create_graph, "requires grad (create_graph)"),
     }
 
@@ -356,7 +356,7 @@ def test_plan_cache_same_address_other_layout(backend, plans):
     buf = randn(24)
     contiguous = buf[:12]
     strided = buf[::2]  # same address, same numel and dtype: the same fingerprint
-    assert _plan.fingerprint([contiguous]) == _plan.fingerprint([strided])
+    assert _plan.fingerprint([contiguous], (torch.float32,)) == _plan.fingerprint([strided], (torch.float32,))
     gradfuse.get_total_norm([contiguous], backend=backend)
     want = float(strided.double().norm())
     r = gradfuse.clip_grads([param_with_grad(strided)], 0.1, backend=backend)
@@ -397,7 +397,7 @@ def test_plan_tables(backend, plans):
     assert plan.tensor_chunk_begin.tolist() == [0, 2, 2, 3, 5]
     assert plan.chunk_tensor.tolist() == [0, 0, 2, 3, 3]
     assert plan.chunk_start.tolist() == [0, c, 0, 0, c]
-    assert plan.max_tensor_chunks == 2 and plan.total_numel == 3 * c + 8
+    assert plan.total_numel == 3 * c + 8
     assert int(plan.ticket) == 0
     res = gradfuse.clip_grads(params_from([g.clone() for g in grads]), 1.0, backend=backend)
     assert res.tensor_norms[1].item() == 0.0
@@ -449,7 +449,7 @@ def test_opcheck_scale(backend, scale, zero):
 def test_clip_op_results(backend):
     grads = [randn(5, 3), randn(4, dtype=torch.float16)]
     before = [g.clone() for g in grads]
-    packed, norms = torch.ops.gradfuse.clip_(grads, 0.5, None, 2.0, True, _abi.POLICY_PROPAGATE, None, backend)
+    packed, norms, *_ = torch.ops.gradfuse.clip_(grads, 0.5, None, 2.0, True, _abi.POLICY_PROPAGATE, None, backend)
     assert packed.shape == (4,) and packed.dtype == torch.float32
     assert norms.shape == (2,) and norms.dtype == torch.float32
     total = math.sqrt(sum(float(b.double().pow(2).sum()) for b in before))
@@ -457,7 +457,7 @@ def test_clip_op_results(backend):
     assert float(packed[_abi.RESULT_FOUND_INF]) == 0.0
     assert_close_rel(float(packed[_abi.RESULT_COEF]), 0.5 / (total + 1e-6), 1e-6)
     assert_close_rel(float(grads[0].double().norm() ** 2 + grads[1].double().norm() ** 2) ** 0.5, 0.5, 2e-3)
-    packed64, _ = torch.ops.gradfuse.clip_([randn(3, dtype=torch.float64)], 0.5, None, 2.0, False, 0, None, backend)
+    packed64, *_ = torch.ops.gradfuse.clip_([randn(3, dtype=torch.float64)], 0.5, None, 2.0, False, 0, None, backend)
     assert packed64.dtype == torch.float64
 
 

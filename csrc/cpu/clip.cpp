@@ -6,9 +6,8 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
-#include <vector>
 
-#include "abi.h"
+#include "float_bits.h"
 #include "kernels.h"
 #include "thread_pool.h"
 
@@ -23,11 +22,40 @@ constexpr int64_t kChunkCostBytes = 1024;
 
 [[noreturn]] void fail(const std::string& what) { throw std::invalid_argument("gradfuse._C_cpu: " + what); }
 
+template <class T>
+T* at(uint64_t address) {
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(address));
+}
+
+bool valid_dtype(int64_t tag) { return tag == DTYPE_F32 || tag == DTYPE_F16 || tag == DTYPE_BF16; }
+
+int64_t element_size(int64_t tag) { return tag == DTYPE_F32 ? 4 : 2; }
+
+// The descriptor's plan tables as typed pointers.
+struct Plan {
+  const int64_t* addrs;
+  const int64_t* numels;
+  const int64_t* dtypes;
+  const int64_t* tensor_chunk_begin;
+  const int64_t* chunk_tensor;
+  const int64_t* chunk_start;
+  int64_t num_tensors;
+  int64_t num_chunks;
+  int64_t chunk_size;
+
+  explicit Plan(const ClipDesc& d)
+      : addrs(at<const int64_t>(d.addrs)), numels(at<const int64_t>(d.numels)), dtypes(at<const int64_t>(d.dtypes)),
+        tensor_chunk_begin(at<const int64_t>(d.tensor_chunk_begin)), chunk_tensor(at<const int64_t>(d.chunk_tensor)),
+        chunk_start(at<const int64_t>(d.chunk_start)), num_tensors(d.num_tensors), num_chunks(d.num_chunks),
+        chunk_size(d.chunk_size) {}
+};
+
 // Chunk c: elements [chunk_start[c], min(chunk_start[c] + chunk_size, numels[t])) of tensor t.
 struct Span {
   char* data;
   int64_t n;
   int64_t dtype;
+  int64_t tensor;
 };
 
 Span chunk_span(const Plan& plan, int64_t c) {
@@ -36,7 +64,7 @@ Span chunk_span(const Plan& plan, int64_t c) {
   const int64_t left = plan.numels[t] - start;
   const int64_t dtype = plan.dtypes[t];
   char* base = reinterpret_cast<char*>(static_cast<uintptr_t>(plan.addrs[t]));
-  return {base + start * element_size(dtype), left < plan.chunk_size ? left : plan.chunk_size, dtype};
+  return {base + start * element_size(dtype), left < plan.chunk_size ? left : plan.chunk_size, dtype, t};
 }
 
 // Runs of consecutive chunks, claimed in order from a shared counter by whichever worker is free.
@@ -94,6 +122,8 @@ void for_each_chunk(const Plan& plan, int num_threads, Fn&& fn) {
   parallel_workers(queue.workers(), work);
 }
 
+// ---- argument checks: every one before any gradient is touched --------------------------------
+
 void check_chunk(const Plan& plan, int64_t c, int64_t t) {
   const int64_t start = plan.chunk_start[c];
   if (start < 0 || start >= plan.numels[t])
@@ -104,34 +134,59 @@ void check_chunk(const Plan& plan, int64_t c, int64_t t) {
 void check_tensor(const Plan& plan, int64_t t) {
   const int64_t tag = plan.dtypes[t];
   if (!valid_dtype(tag))
-    fail("tensor " + std::to_string(t) + " has dtype tag " + std::to_string(tag) +
+    fail("dtypes[" + std::to_string(t) + "] is " + std::to_string(tag) +
          "; expected DTYPE_F32 (0), DTYPE_F16 (1) or DTYPE_BF16 (2)");
-  if (plan.numels[t] < 0) fail("tensor " + std::to_string(t) + " has a negative numel");
-  if (plan.numels[t] > 0 && plan.addrs[t] == 0) fail("tensor " + std::to_string(t) + " has a null address");
+  if (plan.numels[t] < 0) fail("numels[" + std::to_string(t) + "] is negative");
+  if (plan.numels[t] > 0 && plan.addrs[t] == 0) fail("addrs[" + std::to_string(t) + "] is 0");
 }
 
-void check_sizes(const Plan& plan) {
-  if (plan.chunk_size < 1) fail("chunk_size must be positive, got " + std::to_string(plan.chunk_size));
-  if (plan.num_chunks < 0) fail("num_chunks must be >= 0, got " + std::to_string(plan.num_chunks));
-  if (plan.num_chunks > 0 && (!plan.addrs || !plan.numels || !plan.dtypes || !plan.chunk_tensor || !plan.chunk_start))
-    fail("a plan table address is 0");
+void require(uint64_t address, const char* field) {
+  if (address == 0) fail(std::string(field) + " is 0");
+}
+
+void check_common(const ClipDesc& d) {
+  if (d.chunk_size < 1) fail("chunk_size must be positive, got " + std::to_string(d.chunk_size));
+  if (d.num_chunks < 0) fail("num_chunks must be >= 0, got " + std::to_string(d.num_chunks));
+  if (d.num_tensors < 0) fail("num_tensors must be >= 0, got " + std::to_string(d.num_tensors));
+  if (d.flags & ~(FLAG_WRITE_TENSOR_SCALES | FLAG_READ_TENSOR_SCALES))
+    fail("flags " + std::to_string(d.flags) + " has bits outside FLAG_WRITE_TENSOR_SCALES | FLAG_READ_TENSOR_SCALES");
+  if (d.num_chunks > 0) {
+    require(d.addrs, "addrs");
+    require(d.numels, "numels");
+    require(d.dtypes, "dtypes");
+    require(d.chunk_tensor, "chunk_tensor");
+    require(d.chunk_start, "chunk_start");
+  }
 }
 
 // Every chunk inside its tensor, every tensor's chunks where tensor_chunk_begin says.
-void check_reduce_args(const Plan& plan, const ReduceParams& params, const ReduceOutputs& out) {
-  check_sizes(plan);
-  if (plan.num_tensors < 0) fail("num_tensors must be >= 0, got " + std::to_string(plan.num_tensors));
-  const int kind = params.norm_kind;
-  if (kind < kNormL2 || kind > kNormL0)
+void check_reduce(const ClipDesc& d) {
+  check_common(d);
+  const int64_t kind = d.norm_kind;
+  if (kind < NORM_L2 || kind > NORM_L0)
     fail("norm_kind " + std::to_string(kind) + " is not one of NORM_L2 (0) .. NORM_L0 (5)");
-  if (kind == kNormP && !(std::isfinite(params.p) && params.p != 0.0))
-    fail("NORM_P needs a finite non-zero p, got " + std::to_string(params.p) + " (use NORM_INF/NEG_INF/L0)");
-  if (params.policy < kPolicyPropagate || params.policy > kPolicyZero)
-    fail("policy " + std::to_string(params.policy) + " is not one of POLICY_PROPAGATE (0), SKIP (1), ZERO (2)");
-  if (!out.result || !plan.tensor_chunk_begin) fail("the result or tensor_chunk_begin address is 0");
-  if (plan.num_tensors > 0 && (!plan.addrs || !plan.numels || !plan.dtypes || !out.tensor_norms))
-    fail("a tensor table or tensor_norms address is 0");
-  if (plan.num_chunks > 0 && (!out.chunk_partials || !out.chunk_nonfinite)) fail("a workspace address is 0");
+  if (kind == NORM_P && !(std::isfinite(d.p) && d.p != 0.0))
+    fail("NORM_P needs a finite non-zero p, got " + std::to_string(d.p) + " (use NORM_INF/NEG_INF/L0)");
+  if (d.policy < POLICY_PROPAGATE || d.policy > POLICY_ZERO)
+    fail("policy " + std::to_string(d.policy) + " is not one of POLICY_PROPAGATE (0), SKIP (1), ZERO (2)");
+  require(d.result, "result");
+  require(d.tensor_chunk_begin, "tensor_chunk_begin");
+  if (d.num_tensors > 0) {
+    require(d.addrs, "addrs");
+    require(d.numels, "numels");
+    require(d.dtypes, "dtypes");
+    require(d.tensor_norms, "tensor_norms");
+    require(d.tensor_partials, "tensor_partials");
+    require(d.tensor_max_abs, "tensor_max_abs");
+    require(d.tensor_counts, "tensor_counts");
+    if (d.flags & FLAG_WRITE_TENSOR_SCALES) require(d.tensor_scales, "tensor_scales");
+  }
+  if (d.num_chunks > 0) {
+    require(d.chunk_partials, "chunk_partials");
+    require(d.chunk_max_abs, "chunk_max_abs");
+    require(d.chunk_counts, "chunk_counts");
+  }
+  const Plan plan(d);
   if (plan.tensor_chunk_begin[0] != 0 || plan.tensor_chunk_begin[plan.num_tensors] != plan.num_chunks)
     fail("tensor_chunk_begin must run from 0 to num_chunks");
   for (int64_t t = 0; t < plan.num_tensors; ++t) {
@@ -140,104 +195,155 @@ void check_reduce_args(const Plan& plan, const ReduceParams& params, const Reduc
     if (lo > hi || hi > plan.num_chunks) fail("tensor_chunk_begin is not sorted at tensor " + std::to_string(t));
     for (int64_t c = lo; c < hi; ++c) {
       if (plan.chunk_tensor[c] != t)
-        fail("chunk " + std::to_string(c) + " belongs to tensor " + std::to_string(plan.chunk_tensor[c]) +
-             " but lies in tensor " + std::to_string(t) + "'s range of tensor_chunk_begin");
+        fail("chunk_tensor[" + std::to_string(c) + "] is " + std::to_string(plan.chunk_tensor[c]) +
+             " but the chunk lies in tensor " + std::to_string(t) + "'s range of tensor_chunk_begin");
       check_chunk(plan, c, t);
     }
   }
 }
 
-// The scale phase is not given num_tensors, so tensors are checked through their chunks.
-void check_scale_args(const Plan& plan) {
-  check_sizes(plan);
+// The scale phase may run without num_tensors' tables, so tensors are checked through their chunks.
+void check_scale(const ClipDesc& d) {
+  check_common(d);
+  if (d.flags & FLAG_READ_TENSOR_SCALES) require(d.tensor_scales, "tensor_scales");
+  else require(d.scale_ptr, "scale_ptr");
+  const Plan plan(d);
   for (int64_t c = 0; c < plan.num_chunks; ++c) {
     const int64_t t = plan.chunk_tensor[c];
-    if (t < 0) fail("chunk " + std::to_string(c) + " has a negative tensor index");
+    if (t < 0 || (d.num_tensors > 0 && t >= d.num_tensors))
+      fail("chunk_tensor[" + std::to_string(c) + "] is " + std::to_string(t) + ", not a tensor index");
     check_tensor(plan, t);
     check_chunk(plan, c, t);
   }
 }
 
-double identity(int kind) { return kind == kNormNegInf ? std::numeric_limits<double>::infinity() : 0.0; }
+// ---- finalize ---------------------------------------------------------------------------------
 
-// S combined with one more partial: a sum, or for the max/min norms a max/min in which NaN wins
-// (torch.max/min propagate NaN; std::max would drop it).
-double combine(int kind, double s, double v) {
-  if (kind == kNormInf || kind == kNormNegInf) {
-    if (std::isnan(s) || std::isnan(v)) return std::numeric_limits<double>::quiet_NaN();
-    return kind == kNormInf ? (v > s ? v : s) : (v < s ? v : s);
-  }
+double identity(int64_t kind) { return kind == NORM_NEG_INF ? std::numeric_limits<double>::infinity() : 0.0; }
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+// max / min in which NaN wins (torch.max/min propagate NaN; std::max would drop it).
+double max_nan(double s, double v) { return std::isnan(s) || std::isnan(v) ? kNaN : (v > s ? v : s); }
+double min_nan(double s, double v) { return std::isnan(s) || std::isnan(v) ? kNaN : (v < s ? v : s); }
+
+// S combined with one more partial: a sum, a max or a min.
+double combine(int64_t kind, double s, double v) {
+  if (kind == NORM_INF) return max_nan(s, v);
+  if (kind == NORM_NEG_INF) return min_nan(s, v);
   return s + v;
 }
 
 // S ** (1/p): sqrt for L2; S itself for L1, INF, NEG_INF and L0.
-double root(int kind, double p, double s) {
-  if (kind == kNormL2) return std::sqrt(s);
-  if (kind == kNormP) return std::pow(s, 1.0 / p);
+double root(int64_t kind, double p, double s) {
+  if (kind == NORM_L2) return std::sqrt(s);
+  if (kind == NORM_P) return std::pow(s, 1.0 / p);
   return s;
 }
 
+// min(1, max_norm / (t + 1e-6)) with NaN kept (torch.clamp(max=1)), t the fp32-rounded norm, or
+// the fp64 one where fp32 overflows (a norm beyond 3.4e38 still clips by a finite factor).
+double clip_coef(double max_norm, double norm) {
+  const float t32 = static_cast<float>(norm);
+  const double t = std::isinf(t32) ? norm : static_cast<double>(t32);
+  const double coef = max_norm / (t + CLIP_EPS);
+  return coef > 1.0 ? 1.0 : coef;
+}
+
+// The factor the scale pass applies, after the non-finite policy.
+float factor(double coef, double inv_scale, bool found_inf, int64_t policy) {
+  if (found_inf && policy == POLICY_SKIP) return 1.0f;
+  if (found_inf && policy == POLICY_ZERO) return 0.0f;
+  return static_cast<float>(coef * inv_scale);
+}
+
 // Serial, in tensor then chunk order, in fp64: the same bits for the same input on every run.
-//   S_t = combine over t's chunks; norm_t = root(S_t) * inv_scale (L0: S_t, unscaled);
-//   total = root(combine over t of S_t) * inv_scale (L0: the number of t with S_t != 0);
-//   coef = min(1, max_norm / (fp32(total) + 1e-6)), NaN kept; scale = coef * inv_scale, or 1 (SKIP)
-//   / 0 (ZERO) when a chunk held a NaN or Inf; each output rounded to fp32 once.
-void finalize(const Plan& plan, const ReduceParams& params, const std::vector<double>& partials,
-              const ReduceOutputs& out) {
-  const int kind = params.norm_kind;
-  const double inv_scale = params.inv_scale_ptr ? *params.inv_scale_ptr : 1.0;
-  const double norm_scale = kind == kNormL0 ? 1.0 : inv_scale;
+// The formulas are gradfuse/_abi.py's; each output is rounded to fp32 once.
+void finalize(const ClipDesc& d) {
+  const Plan plan(d);
+  const int64_t kind = d.norm_kind;
+  const double* partials = at<const double>(d.chunk_partials);
+  const float* chunk_max = at<const float>(d.chunk_max_abs);
+  const int32_t* chunk_counts = at<const int32_t>(d.chunk_counts);
+  float* tensor_norms = at<float>(d.tensor_norms);
+  double* tensor_partials = at<double>(d.tensor_partials);
+  float* tensor_max_abs = at<float>(d.tensor_max_abs);
+  int64_t* tensor_counts = at<int64_t>(d.tensor_counts);
+  const double inv_scale = d.inv_scale_ptr ? *at<const float>(d.inv_scale_ptr) : 1.0;
+  const double norm_scale = kind == NORM_L0 ? 1.0 : inv_scale;
   double all = identity(kind);
-  for (int64_t t = 0; t < plan.num_tensors; ++t) {
-    double s = identity(kind);
-    for (int64_t c = plan.tensor_chunk_begin[t]; c < plan.tensor_chunk_begin[t + 1]; ++c) s = combine(kind, s, partials[c]);
-    out.tensor_norms[t] = static_cast<float>(root(kind, params.p, s) * norm_scale);
-    all = kind == kNormL0 ? all + (s != 0.0) : combine(kind, all, s);
-  }
-  const double total = root(kind, params.p, all) * norm_scale;
   bool found_inf = false;
-  for (int64_t c = 0; c < plan.num_chunks; ++c) found_inf |= out.chunk_nonfinite[c] != 0;
-  const double max_norm = params.max_norm_ptr ? *params.max_norm_ptr : params.max_norm;
-  // On the fp32-rounded total, as every backend does: the same coef bits for the same result[0].
-  double coef = max_norm / (static_cast<double>(static_cast<float>(total)) + kClipEps);
-  coef = coef > 1.0 ? 1.0 : coef;  // torch.clamp(max=1): a NaN stays NaN
-  double scale = coef * inv_scale;
-  if (found_inf && params.policy == kPolicySkip) scale = 1.0;
-  if (found_inf && params.policy == kPolicyZero) scale = 0.0;
-  out.result[kResultTotal] = static_cast<float>(total);
-  out.result[kResultFoundInf] = found_inf ? 1.0f : 0.0f;
-  out.result[kResultCoef] = static_cast<float>(coef);
-  out.result[kResultScale] = static_cast<float>(scale);
+  for (int64_t t = 0; t < plan.num_tensors; ++t) {
+    double s = identity(kind), m = 0.0;
+    int64_t nans = 0, infs = 0;
+    for (int64_t c = plan.tensor_chunk_begin[t]; c < plan.tensor_chunk_begin[t + 1]; ++c) {
+      s = combine(kind, s, partials[c]);
+      m = max_nan(m, chunk_max[c]);
+      nans += chunk_counts[2 * c];
+      infs += chunk_counts[2 * c + 1];
+    }
+    tensor_partials[t] = s;
+    tensor_norms[t] = static_cast<float>(root(kind, d.p, s) * norm_scale);
+    tensor_max_abs[t] = static_cast<float>(m);
+    tensor_counts[2 * t] = nans;
+    tensor_counts[2 * t + 1] = infs;
+    found_inf |= nans + infs != 0;
+    all = kind == NORM_L0 ? all + (s != 0.0) : combine(kind, all, s);
+  }
+  const double total = root(kind, d.p, all) * norm_scale;
+  const double max_norm = d.max_norm_ptr ? *at<const float>(d.max_norm_ptr) : d.max_norm;
+  const double coef = clip_coef(max_norm, total);
+  if (d.flags & FLAG_WRITE_TENSOR_SCALES) {
+    float* scales = at<float>(d.tensor_scales);
+    for (int64_t t = 0; t < plan.num_tensors; ++t)
+      scales[t] = factor(clip_coef(max_norm, tensor_norms[t]), inv_scale, found_inf, d.policy);
+  }
+  float* result = at<float>(d.result);
+  result[RESULT_TOTAL] = static_cast<float>(total);
+  result[RESULT_FOUND_INF] = found_inf ? 1.0f : 0.0f;
+  result[RESULT_COEF] = static_cast<float>(coef);
+  result[RESULT_SCALE] = factor(coef, inv_scale, found_inf, d.policy);
+}
+
+// A NaN max |x| pattern as the canonical quiet NaN.
+float max_abs_of(uint32_t bits) {
+  return bits > 0x7f800000u ? std::numeric_limits<float>::quiet_NaN() : float_of(bits);
 }
 
 }  // namespace
 
-void reduce(const Plan& plan, const ReduceParams& params, const ReduceOutputs& out, int num_threads) {
-  check_reduce_args(plan, params, out);
+void reduce(const ClipDesc& d, int num_threads) {
+  check_reduce(d);
+  const Plan plan(d);
   const KernelSet& k = kernels();
-  // fp64 copy of every chunk partial: the float32 chunk_partials of the contract would round the
-  // finalize's inputs.
-  std::vector<double> partials(static_cast<size_t>(plan.num_chunks));
+  double* partials = at<double>(d.chunk_partials);
+  float* max_abs = at<float>(d.chunk_max_abs);
+  int32_t* counts = at<int32_t>(d.chunk_counts);
+  const int kind = static_cast<int>(d.norm_kind);
   for_each_chunk(plan, num_threads, [&](int64_t c) {
     const Span s = chunk_span(plan, c);
-    const SpanPartial r = k.reduce(s.data, s.n, s.dtype, params.norm_kind, params.p);
+    const SpanPartial r = k.reduce(s.data, s.n, s.dtype, kind, d.p);
     partials[c] = r.value;
-    out.chunk_partials[c] = static_cast<float>(r.value);
-    out.chunk_nonfinite[c] = r.nonfinite ? 1 : 0;
+    max_abs[c] = max_abs_of(r.max_bits);
+    counts[2 * c] = static_cast<int32_t>(r.nan_count);
+    counts[2 * c + 1] = static_cast<int32_t>(r.inf_count);
   });
-  finalize(plan, params, partials, out);
+  finalize(d);
 }
 
-void scale(const Plan& plan, const float* scale_ptr, bool zero_if_scale_is_zero, int num_threads) {
-  if (!scale_ptr) fail("scale_ptr is 0");
-  const float s = *scale_ptr;
-  if (s == 1.0f) return;  // no clipping needed: gradient memory is not touched (a NaN goes on)
-  check_scale_args(plan);
-  const bool zero = zero_if_scale_is_zero && s == 0.0f;  // NaN * 0 would stay NaN
+void scale(const ClipDesc& d, int num_threads) {
+  const bool per_tensor = d.flags & FLAG_READ_TENSOR_SCALES;
+  // No clipping needed: gradient memory is not touched and nothing is checked (a NaN goes on).
+  if (!per_tensor && d.scale_ptr && *at<const float>(d.scale_ptr) == 1.0f) return;
+  check_scale(d);
+  const Plan plan(d);
+  const float* scales = per_tensor ? at<const float>(d.tensor_scales) : at<const float>(d.scale_ptr);
   const KernelSet& k = kernels();
   for_each_chunk(plan, num_threads, [&](int64_t c) {
     const Span sp = chunk_span(plan, c);
-    if (zero) std::memset(sp.data, 0, static_cast<size_t>(sp.n * element_size(sp.dtype)));  // +0.0 in every dtype
+    const float s = scales[per_tensor ? sp.tensor : 0];
+    if (s == 1.0f) return;
+    if (d.zero_if_scale_is_zero && s == 0.0f) std::memset(sp.data, 0, static_cast<size_t>(sp.n * element_size(sp.dtype)));  // +0.0 in every dtype; NaN * 0 would stay NaN
     else k.scale(sp.data, sp.n, sp.dtype, s);
   });
 }

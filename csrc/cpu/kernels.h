@@ -7,19 +7,26 @@
 
 #include <cstdint>
 
+#include "gradfuse_abi.h"
+
 namespace gradfuse::cpu {
 
-// The partial of one span of elements: the NormKind's accumulation in fp64 (see abi.h) and whether
-// the span holds a NaN or an Inf.
+using namespace gradfuse::abi;  // DTYPE_*, NORM_*, POLICY_*, FLAG_*, RESULT_*, the constants
+
+// What one read of a span gives: the NormKind's partial in fp64 (see gradfuse/_abi.py), the max
+// |x| as a bit pattern (above 0x7f800000: the span holds a NaN), and exact NaN / Inf counts.
 struct SpanPartial {
   double value;
-  bool nonfinite;
+  uint32_t max_bits;
+  int64_t nan_count;
+  int64_t inf_count;
 };
 
 struct KernelSet {
   const char* isa;  // "avx512", "avx2" or "generic"
   // Partial of the n elements at `data` (any alignment) of dtype tag `dtype` for `kind` (p is used
-  // by kNormP only). Every element is read once.
+  // by NORM_P only). Every element is read once, except blocks that hold a NaN/Inf (counted) or
+  // whose fp32 sums cannot be trusted (overflow of finite values, tiny magnitudes: re-added in fp64).
   SpanPartial (*reduce)(const void* data, int64_t n, int64_t dtype, int kind, double p);
   // x = x * s in fp32 with one rounding back to the dtype (round to nearest even).
   void (*scale)(void* data, int64_t n, int64_t dtype, float s);

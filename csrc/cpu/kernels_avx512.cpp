@@ -3,7 +3,6 @@
 #include <cstdint>
 #include <cstring>
 
-#include "abi.h"
 #include "float_bits.h"
 #include "kernels.h"
 

@@ -4,7 +4,6 @@
 #include <cstdint>
 #include <cstring>
 
-#include "abi.h"
 #include "float_bits.h"
 #include "kernels.h"
 

@@ -19,10 +19,15 @@
 //   * Each lane sums kBlockRows = 32 terms in fp32, then is added to its fp64 lane: the fp32 error
 //     stays ~1e-7 relative per block and the blocks combine exactly enough in fp64 (sum x^2 over
 //     10^6 values of 100 is exact, where one fp32 accumulator is off by 6e-4).
-//   * max/min/count are exact integer reductions over the |x| bit patterns, which order like the
-//     values; NaN patterns order above Inf, so max_bits > Inf's marks a NaN and max_bits >= Inf's
-//     a non-finite value. Their lane layout does not matter. The sums (L2, L1) skip that per element
-//     and test their fp32 lanes per block instead (reduce_block).
+//   * max |x| (every kind: it is the chunk's max_abs), min and count are exact integer reductions
+//     over the |x| bit patterns, which order like the values; NaN patterns order above Inf, so
+//     max_bits > Inf's marks a NaN and max_bits >= Inf's a non-finite value. Their lane layout does
+//     not matter.
+//   * A block is read a second time only when its fast-path result cannot be used as it is: it
+//     holds a NaN/Inf (its NaN and Inf elements are counted), or (L2, L1) its fp32 lane sums
+//     overflowed although every element is finite, or its max |x| is so small that fp32 squares
+//     lose digits to underflow (kTinyBits): then its terms are re-added in fp64, which holds the
+//     square of every finite fp32 value. Finite gradients of ordinary magnitude never take it.
 //   * |x|^p is computed and summed in fp64 (add_pow_abs), each of the 64 lanes in row order.
 
 namespace {
@@ -43,15 +48,15 @@ struct Storage {
   using T = uint16_t;  // fp16 and bf16
 };
 template <>
-struct Storage<kF32> {
+struct Storage<DTYPE_F32> {
   using T = float;
 };
 
 // W elements as fp32 (fp32 and fp16; bf16 rows go through load_row_bf16).
 template <int64_t D>
 inline F load(const typename Storage<D>::T* p) {
-  static_assert(D != kBF16, "bf16 is loaded by rows");
-  if constexpr (D == kF32) return Vec::load_f32(p);
+  static_assert(D != DTYPE_BF16, "bf16 is loaded by rows");
+  if constexpr (D == DTYPE_F32) return Vec::load_f32(p);
   else return Vec::load_f16(p);
 }
 
@@ -60,8 +65,8 @@ template <int64_t D>
 inline float load_one(const typename Storage<D>::T* p) {
   typename Storage<D>::T v;
   std::memcpy(&v, p, sizeof v);
-  if constexpr (D == kF32) return v;
-  else if constexpr (D == kF16) return f16_to_f32(v);
+  if constexpr (D == DTYPE_F32) return v;
+  else if constexpr (D == DTYPE_F16) return f16_to_f32(v);
   else return bf16_to_f32(v);
 }
 
@@ -71,7 +76,7 @@ inline float load_one(const typename Storage<D>::T* p) {
 // element i = 32h + j lands on lane 32h + 16 (j & 1) + j / 2 (row_lane), on every instruction set.
 template <int64_t D>
 inline void load_row(const typename Storage<D>::T* row, F* v) {
-  if constexpr (D == kBF16) {
+  if constexpr (D == DTYPE_BF16) {
     Vec::load_row_bf16(row, v);
   } else {
     for (int j = 0; j < kRegs; ++j) v[j] = load<D>(row + j * kW);
@@ -80,7 +85,7 @@ inline void load_row(const typename Storage<D>::T* row, F* v) {
 
 template <int64_t D>
 inline int row_lane(int i) {
-  if constexpr (D == kBF16) return (i & 32) + ((i & 1) << 4) + ((i & 31) >> 1);
+  if constexpr (D == DTYPE_BF16) return (i & 32) + ((i & 1) << 4) + ((i & 31) >> 1);
   else return i;
 }
 
@@ -164,12 +169,14 @@ inline void add_pow_abs(const F64x8& xs, double p, F64x8& sum) {
   sum += select((U64x8)(x != x), x, result);
 }
 
-// Per-lane fp64 sums and the order-free integer reductions of one span.
+// Per-lane fp64 sums, the order-free integer reductions and the non-finite counts of one span.
 struct SpanAcc {
   double sum[kLanes] = {};
   int64_t count = 0;
   int32_t max_bits = 0;         // max |x| bit pattern: 0 is max's identity
   int32_t min_bits = kInfBits;  // min |x| bit pattern: +Inf is min's identity
+  int64_t nan_count = 0;
+  int64_t inf_count = 0;
 };
 
 inline int32_t hmax(I v) {
@@ -196,21 +203,42 @@ inline int64_t hsum(I v) {
   return s;
 }
 
-// Max |x| bit pattern over rows [r0, r1).
-template <int64_t D>
-inline int32_t block_max_bits(const typename Storage<D>::T* x, int64_t r0, int64_t r1) {
-  const I abs_mask = Vec::set1_i(0x7fffffff);
-  I mx = Vec::set1_i(0);
-  for (int64_t r = r0; r < r1; ++r) {
-    F v[kRegs];
-    load_row<D>(x + r * kLanes, v);
-    for (int j = 0; j < kRegs; ++j) mx = Vec::max_i(mx, Vec::abs_bits(v[j], abs_mask));
-  }
-  return hmax(mx);
+// The |x| bit pattern of one element, and its count into acc's NaN / Inf counts.
+inline void count_nonfinite(int32_t a, SpanAcc& acc) {
+  acc.nan_count += a > kInfBits;
+  acc.inf_count += a == kInfBits;
 }
 
+// Second reads of a block (rare: never for finite gradients of ordinary magnitude), element by
+// element in row order; element i of a row feeds lane row_lane(i), as on the fast path.
+template <int64_t D>
+inline void count_block(const typename Storage<D>::T* x, int64_t r0, int64_t r1, SpanAcc& acc) {
+  for (int64_t i = r0 * kLanes; i < r1 * kLanes; ++i)
+    count_nonfinite(static_cast<int32_t>(bits_of(load_one<D>(x + i)) & 0x7fffffffu), acc);
+}
+
+// The term of one element in fp64: exact for every finite fp32 value (squares of 3.4e38 and of
+// 1.4e-45 are normal doubles), where the fp32 term would overflow or lose digits to underflow.
+template <int K>
+inline double term64(float f) {
+  const double d = f;
+  if constexpr (K == NORM_L2) return d * d;
+  else return std::fabs(d);
+}
+
+template <int64_t D, int K>
+inline void add_block_fp64(const typename Storage<D>::T* x, int64_t r0, int64_t r1, SpanAcc& acc) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int i = 0; i < kLanes; ++i) acc.sum[row_lane<D>(i)] += term64<K>(load_one<D>(x + r * kLanes + i));
+}
+
+// Below this |x| bit pattern the largest fp32 term |x|^p of a block is under 2^RESCAN_TERM_LOG2,
+// where fp32 squares run into the subnormals: such a block is re-added in fp64.
+template <int K>
+constexpr int32_t kTinyBits = static_cast<int32_t>(127 + static_cast<int>(RESCAN_TERM_LOG2 / (K == NORM_L2 ? 2 : 1))) << 23;
+
 // Rows [r0, r1) of x (r1 - r0 <= kBlockRows): fp32 lane sums added to acc.sum, integer reductions
-// merged into acc.
+// merged into acc. max |x| is kept per element for every kind (it is the chunk's max_abs).
 template <int64_t D, int K>
 inline void reduce_block(const typename Storage<D>::T* x, int64_t r0, int64_t r1, double p, SpanAcc& acc) {
   const I abs_mask = Vec::set1_i(0x7fffffff);
@@ -223,7 +251,7 @@ inline void reduce_block(const typename Storage<D>::T* x, int64_t r0, int64_t r1
     const typename Storage<D>::T* row = x + r * kLanes;
     F v[kRegs];
     load_row<D>(row, v);
-    if constexpr (K == kNormP) {
+    if constexpr (K == NORM_P) {
       float xs[kLanes];
       for (int j = 0; j < kRegs; ++j) {
         mx = Vec::max_i(mx, Vec::abs_bits(v[j], abs_mask));
@@ -239,59 +267,57 @@ inline void reduce_block(const typename Storage<D>::T* x, int64_t r0, int64_t r1
       }
     } else {
       for (int j = 0; j < kRegs; ++j) {
-        if constexpr (K == kNormL2) {
-          s[j] = Vec::fmadd(v[j], v[j], s[j]);
-        } else if constexpr (K == kNormL1) {
-          s[j] = Vec::add(s[j], Vec::as_float(Vec::abs_bits(v[j], abs_mask)));
-        } else {
-          const I a = Vec::abs_bits(v[j], abs_mask);
-          mx = Vec::max_i(mx, a);
-          if constexpr (K == kNormNegInf) mn = Vec::min_i(mn, a);
-          else if constexpr (K == kNormL0) cnt = Vec::count_nonzero(cnt, a);
-        }
+        const I a = Vec::abs_bits(v[j], abs_mask);
+        mx = Vec::max_i(mx, a);
+        if constexpr (K == NORM_L2) s[j] = Vec::fmadd(v[j], v[j], s[j]);
+        else if constexpr (K == NORM_L1) s[j] = Vec::add(s[j], Vec::as_float(a));
+        else if constexpr (K == NORM_NEG_INF) mn = Vec::min_i(mn, a);
+        else if constexpr (K == NORM_L0) cnt = Vec::count_nonzero(cnt, a);
       }
     }
   }
-  if constexpr (K == kNormL2 || K == kNormL1) {
+  const int32_t block_max = hmax(mx);
+  const bool finite = block_max < kInfBits;
+  if (!finite) count_block<D>(x, r0, r1, acc);
+  acc.max_bits = block_max > acc.max_bits ? block_max : acc.max_bits;
+  if constexpr (K == NORM_L2 || K == NORM_L1) {
     float lanes[kLanes];
+    I lane_bits = Vec::set1_i(0);
     for (int j = 0; j < kRegs; ++j) {
       Vec::store(lanes + j * kW, s[j]);
-      mx = Vec::max_i(mx, Vec::abs_bits(s[j], abs_mask));
+      lane_bits = Vec::max_i(lane_bits, Vec::abs_bits(s[j], abs_mask));
     }
-    for (int l = 0; l < kLanes; ++l) acc.sum[l] += lanes[l];
-    // The sums skip the per-element finiteness test: a NaN or Inf element makes its lane sum NaN or
-    // Inf (the terms are >= 0, so no Inf - Inf), and only then, or on an fp32 overflow of finite
-    // terms, is the block read again for the exact flag.
-    if (hmax(mx) >= kInfBits) {
-      const int32_t block_max = block_max_bits<D>(x, r0, r1);
-      acc.max_bits = block_max > acc.max_bits ? block_max : acc.max_bits;
+    // Finite elements whose fp32 sum overflowed, or whose squares are near the subnormals: the
+    // block again in fp64 (a NaN/Inf element is left to the sums, which carry it as torch does).
+    const bool overflowed = hmax(lane_bits) >= kInfBits;
+    if (finite && (overflowed || (block_max > 0 && block_max < kTinyBits<K>))) {
+      add_block_fp64<D, K>(x, r0, r1, acc);
+    } else {
+      for (int l = 0; l < kLanes; ++l) acc.sum[l] += lanes[l];
     }
-  } else {
-    const int32_t block_max = hmax(mx);
-    acc.max_bits = block_max > acc.max_bits ? block_max : acc.max_bits;
   }
-  if constexpr (K == kNormNegInf) {
+  if constexpr (K == NORM_NEG_INF) {
     const int32_t block_min = hmin(mn);
     acc.min_bits = block_min < acc.min_bits ? block_min : acc.min_bits;
   }
-  if constexpr (K == kNormL0) acc.count += hsum(cnt);
+  if constexpr (K == NORM_L0) acc.count += hsum(cnt);
 }
 
 template <int K>
 inline SpanPartial finish(const SpanAcc& acc) {
   const bool has_nan = acc.max_bits > kInfBits;
   double value;
-  if constexpr (K == kNormInf) {
-    value = float_of(static_cast<uint32_t>(acc.max_bits));  // a NaN pattern if the span has a NaN
-  } else if constexpr (K == kNormNegInf) {
+  if constexpr (K == NORM_INF) {
+    value = has_nan ? __builtin_nan("") : float_of(static_cast<uint32_t>(acc.max_bits));
+  } else if constexpr (K == NORM_NEG_INF) {
     value = has_nan ? __builtin_nan("") : float_of(static_cast<uint32_t>(acc.min_bits));
-  } else if constexpr (K == kNormL0) {
+  } else if constexpr (K == NORM_L0) {
     value = static_cast<double>(acc.count);
   } else {
     value = 0.0;
     for (int l = 0; l < kLanes; ++l) value += acc.sum[l];  // fixed order: same bits every run
   }
-  return {value, acc.max_bits >= kInfBits};
+  return {value, static_cast<uint32_t>(acc.max_bits), acc.nan_count, acc.inf_count};
 }
 
 template <int64_t D, int K>
@@ -302,22 +328,22 @@ SpanPartial reduce_span(const void* data, int64_t n, double p) {
   const int64_t rows = n / kLanes;
   for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows)
     reduce_block<D, K>(x, r0, r0 + kBlockRows < rows ? r0 + kBlockRows : rows, p, acc);
-  // The last partial row, element by element into the lanes a whole row would use: the term in
-  // fp32 as in the body (x^2 under- and overflows where torch's does), added in fp64.
+  // The last partial row, element by element into the lanes a whole row would use, the terms in
+  // fp64 (exact, as the blocks' second read).
   for (int64_t i = rows * kLanes; i < n; ++i) {
     const float f = load_one<D>(x + i);
     const int32_t a = static_cast<int32_t>(bits_of(f) & 0x7fffffffu);
     const int l = row_lane<D>(static_cast<int>(i - rows * kLanes));
     acc.max_bits = a > acc.max_bits ? a : acc.max_bits;
-    if constexpr (K == kNormL2) acc.sum[l] += f * f;
-    else if constexpr (K == kNormL1) acc.sum[l] += std::fabs(f);
-    else if constexpr (K == kNormP) {
+    count_nonfinite(a, acc);
+    if constexpr (K == NORM_L2 || K == NORM_L1) acc.sum[l] += term64<K>(f);
+    else if constexpr (K == NORM_P) {
       F64x8 term = splat(0.0);
       add_pow_abs(splat(f), p, term);
       acc.sum[l] += term[0];
     }
-    else if constexpr (K == kNormNegInf) acc.min_bits = a < acc.min_bits ? a : acc.min_bits;
-    else if constexpr (K == kNormL0) acc.count += a != 0;
+    else if constexpr (K == NORM_NEG_INF) acc.min_bits = a < acc.min_bits ? a : acc.min_bits;
+    else if constexpr (K == NORM_L0) acc.count += a != 0;
   }
   return finish<K>(acc);
 }
@@ -325,32 +351,32 @@ SpanPartial reduce_span(const void* data, int64_t n, double p) {
 template <int64_t D>
 SpanPartial reduce_dtype(const void* data, int64_t n, int kind, double p) {
   switch (kind) {
-    case kNormL2: return reduce_span<D, kNormL2>(data, n, p);
-    case kNormL1: return reduce_span<D, kNormL1>(data, n, p);
-    case kNormP: return reduce_span<D, kNormP>(data, n, p);
-    case kNormInf: return reduce_span<D, kNormInf>(data, n, p);
-    case kNormNegInf: return reduce_span<D, kNormNegInf>(data, n, p);
-    default: return reduce_span<D, kNormL0>(data, n, p);  // the caller validated kind
+    case NORM_L2: return reduce_span<D, NORM_L2>(data, n, p);
+    case NORM_L1: return reduce_span<D, NORM_L1>(data, n, p);
+    case NORM_P: return reduce_span<D, NORM_P>(data, n, p);
+    case NORM_INF: return reduce_span<D, NORM_INF>(data, n, p);
+    case NORM_NEG_INF: return reduce_span<D, NORM_NEG_INF>(data, n, p);
+    default: return reduce_span<D, NORM_L0>(data, n, p);  // the caller validated kind
   }
 }
 
 SpanPartial reduce(const void* data, int64_t n, int64_t dtype, int kind, double p) {
   switch (dtype) {
-    case kF32: return reduce_dtype<kF32>(data, n, kind, p);
-    case kF16: return reduce_dtype<kF16>(data, n, kind, p);
-    default: return reduce_dtype<kBF16>(data, n, kind, p);  // the caller validated dtype
+    case DTYPE_F32: return reduce_dtype<DTYPE_F32>(data, n, kind, p);
+    case DTYPE_F16: return reduce_dtype<DTYPE_F16>(data, n, kind, p);
+    default: return reduce_dtype<DTYPE_BF16>(data, n, kind, p);  // the caller validated dtype
   }
 }
 
 // Elements per scale_step: bf16 goes in pairs of vectors (Vec::scale_bf16).
 template <int64_t D>
-constexpr int kScaleStep = D == kBF16 ? 2 * kW : kW;
+constexpr int kScaleStep = D == DTYPE_BF16 ? 2 * kW : kW;
 
 // p[0 .. kScaleStep<D>) *= s in fp32, one rounding back to the dtype.
 template <int64_t D>
 inline void scale_step(typename Storage<D>::T* p, F s) {
-  if constexpr (D == kF32) Vec::store_f32(p, Vec::mul(Vec::load_f32(p), s));
-  else if constexpr (D == kF16) Vec::store_f16(p, Vec::mul(Vec::load_f16(p), s));
+  if constexpr (D == DTYPE_F32) Vec::store_f32(p, Vec::mul(Vec::load_f32(p), s));
+  else if constexpr (D == DTYPE_F16) Vec::store_f16(p, Vec::mul(Vec::load_f16(p), s));
   else Vec::scale_bf16(p, s);
 }
 
@@ -376,9 +402,9 @@ void scale_span(void* data, int64_t n, float s) {
 
 void scale(void* data, int64_t n, int64_t dtype, float s) {
   switch (dtype) {
-    case kF32: return scale_span<kF32>(data, n, s);
-    case kF16: return scale_span<kF16>(data, n, s);
-    default: return scale_span<kBF16>(data, n, s);  // the caller validated dtype
+    case DTYPE_F32: return scale_span<DTYPE_F32>(data, n, s);
+    case DTYPE_F16: return scale_span<DTYPE_F16>(data, n, s);
+    default: return scale_span<DTYPE_BF16>(data, n, s);  // the caller validated dtype
   }
 }
 
