@@ -22,11 +22,9 @@ from ._plan import DTYPE_TAGS, PLANS, REQUIRES_GRAD, DevicePlan, build_plan, fin
 class ClipResult:
     """Everything one clip computed, all still on the device (nothing was synchronised).
 
-    ``total_norm``: the global norm in the accumulation dtype (fp32 unless fp64 grads);
+    ``result``: ``[total, found_inf, coef, scale]`` (``gradfuse._abi``'s RESULT_* slots) in the
+    accumulation dtype (fp32 unless fp64 grads), read through the properties below;
     ``tensor_norms``: the per-gradient norms, in the order of the gradients given;
-    ``found_inf``: float32, 1.0 when a gradient holds a NaN or Inf (GradScaler's convention);
-    ``clip_coef``: ``min(1, max_norm / (total_norm + 1e-6))``;
-    ``scale``: the factor applied to the gradients (or handed to an optimizer);
     ``tensor_partials``: float64 per-gradient ``S_t`` before the root (sum of ``|x|^p``; max/min
     ``|x|`` for +-inf; the count of non-zeros for 0), without ``inv_scale``;
     ``tensor_max_abs``: float32 per-gradient max ``|x|`` (NaN where a gradient holds a NaN);
@@ -36,11 +34,8 @@ class ClipResult:
     ``norm_dtype``: the dtype torch would return the total norm in; ``norm_type``: p.
     """
 
-    total_norm: torch.Tensor
+    result: torch.Tensor
     tensor_norms: torch.Tensor
-    found_inf: torch.Tensor
-    clip_coef: torch.Tensor
-    scale: torch.Tensor
     tensor_partials: torch.Tensor
     tensor_max_abs: torch.Tensor
     tensor_counts: torch.Tensor | None
@@ -48,6 +43,26 @@ class ClipResult:
     backend: str
     norm_type: float = 2.0
     tensor_scales: torch.Tensor | None = None
+
+    @property
+    def total_norm(self) -> torch.Tensor:
+        """The global norm (of the unscaled gradients when an ``inv_scale`` was given)."""
+        return self.result[_abi.RESULT_TOTAL]
+
+    @property
+    def found_inf(self) -> torch.Tensor:
+        """1.0 when a gradient holds a NaN or Inf (GradScaler's convention), else 0.0."""
+        return self.result[_abi.RESULT_FOUND_INF]
+
+    @property
+    def clip_coef(self) -> torch.Tensor:
+        """``min(1, max_norm / (total_norm + 1e-6))``."""
+        return self.result[_abi.RESULT_COEF]
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The factor applied to the gradients (or handed to an optimizer), after the policy."""
+        return self.result[_abi.RESULT_SCALE]
 
     @property
     def torch_norm(self) -> torch.Tensor:
@@ -176,11 +191,12 @@ def measure(
     plan, device, t = at.plan, at.plan.device, at.plan.num_tensors
     max_norm_tensor = _device_scalar(max_norm, device) if isinstance(max_norm, torch.Tensor) else None
     inv_scale = _device_scalar(inv_scale, device)
-    f32 = torch.empty(2 * t + _abi.RESULT_SIZE + (t if per_tensor else 0), dtype=torch.float32, device=device)
+    result = torch.empty(_abi.RESULT_SIZE, dtype=torch.float32, device=device)
+    norms = torch.empty(t, dtype=torch.float32, device=device)
+    max_abs = torch.empty(t, dtype=torch.float32, device=device)
     partials = torch.empty(t, dtype=torch.float64, device=device)
     counts = torch.empty((t, 2), dtype=torch.int64, device=device)
-    result, norms, max_abs = f32[: _abi.RESULT_SIZE], f32[_abi.RESULT_SIZE : _abi.RESULT_SIZE + t], f32[_abi.RESULT_SIZE + t : _abi.RESULT_SIZE + 2 * t]
-    scales = f32[_abi.RESULT_SIZE + 2 * t :] if per_tensor else None
+    scales = torch.empty(t, dtype=torch.float32, device=device) if per_tensor else None
     d = plan.desc
     d.norm_kind, d.p, d.policy = _abi.norm_kind(p), float(p), policy
     d.max_norm = 0.0 if max_norm_tensor is not None else float(max_norm)
@@ -189,12 +205,11 @@ def measure(
     d.tensor_norms, d.tensor_partials, d.tensor_max_abs = norms.data_ptr(), partials.data_ptr(), max_abs.data_ptr()
     d.tensor_counts, d.tensor_scales, d.result = counts.data_ptr(), _addr(scales), result.data_ptr()
     at.backend.reduce(plan)
+    # The outputs are this call's: no stale address stays in the cached descriptor.
+    d.tensor_norms = d.tensor_partials = d.tensor_max_abs = d.tensor_counts = d.tensor_scales = d.result = 0
     return ClipResult(
-        total_norm=result[_abi.RESULT_TOTAL],
+        result=result,
         tensor_norms=norms,
-        found_inf=result[_abi.RESULT_FOUND_INF],
-        clip_coef=result[_abi.RESULT_COEF],
-        scale=result[_abi.RESULT_SCALE],
         tensor_partials=partials,
         tensor_max_abs=max_abs,
         tensor_counts=counts,
@@ -219,6 +234,7 @@ def apply_scale(at: Target, scale: torch.Tensor, *, per_tensor: bool = False, po
     d.tensor_scales, d.scale_ptr = (factor.data_ptr(), 0) if per_tensor else (0, factor.data_ptr())
     d.zero_if_scale_is_zero = int(policy == _abi.POLICY_ZERO)
     at.backend.scale(plan)
+    d.tensor_scales = d.scale_ptr = 0
     torch._C._increment_version(at.grads)  # an in-place write, seen by autograd as torch's own
 
 

@@ -154,12 +154,10 @@ def measure(grads, max_norm, p, foreach, policy, inv_scale, per_tensor, stats, d
     scales = None
     if per_tensor:
         scales = scale_factor(clip_coefficient(tensor_norms, max_norm, norms64), found_inf, policy, inv_scale).to(torch.float32)
+    scale = scale_factor(coef, found_inf, policy, inv_scale)
     return ClipResult(
-        total_norm=total,
+        result=torch.stack([total, found_inf.to(total.dtype), coef, scale.to(total.dtype)]),
         tensor_norms=tensor_norms,
-        found_inf=found_inf,
-        clip_coef=coef,
-        scale=scale_factor(coef, found_inf, policy, inv_scale),
         tensor_partials=partials,
         tensor_max_abs=max_abs.to(torch.float32),
         tensor_counts=_per_tensor(grads, _counts) if stats else None,

@@ -44,7 +44,7 @@ def clip_(
         stats=True,
     )
     dtype = packed_dtype(grads)
-    packed = torch.stack([r.total_norm.to(dtype), r.found_inf.to(dtype), r.clip_coef.to(dtype), r.scale.to(dtype)])
+    packed = r.result.to(dtype, copy=True)
     return (packed, r.tensor_norms.to(dtype).clone(), r.tensor_partials.clone(), r.tensor_max_abs.clone(),
             r.tensor_counts.clone())  # fmt: skip
 
@@ -87,11 +87,8 @@ def clip_compiled(grads, max_norm, p, *, apply, backend, error_if_nonfinite, pol
         if apply:
             torch.ops.gradfuse.scale_(grads, packed[3:4].float(), policy == _abi.POLICY_ZERO, backend)
     return _engine.ClipResult(
-        total_norm=packed[0],
+        result=packed,
         tensor_norms=tensor_norms,
-        found_inf=packed[1],
-        clip_coef=packed[2],
-        scale=packed[3],
         tensor_partials=tensor_partials,
         tensor_max_abs=tensor_max_abs,
         tensor_counts=tensor_counts,

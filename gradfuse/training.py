@@ -43,7 +43,7 @@ import torch
 import torch.optim.optimizer as _optimizer_module
 from torch.amp.grad_scaler import OptState
 
-from . import _engine, _validation as v, ops
+from . import _abi, _engine, _validation as v, ops
 from ._backends import requested_backend
 from ._engine import ClipResult
 from .clip import clip_grads
@@ -230,7 +230,9 @@ def _zero_if_found_(grads: list[torch.Tensor], found_inf: torch.Tensor, foreach,
 
 def _with_zero_scale(r: ClipResult) -> ClipResult:
     """The result as the step sees it under "zero": a scale of 0 on a non-finite step."""
-    return dataclasses.replace(r, scale=r.scale * (1 - r.found_inf.to(r.scale.dtype)))
+    keep = torch.ones_like(r.result)
+    keep[_abi.RESULT_SCALE] = 1 - r.found_inf
+    return dataclasses.replace(r, result=r.result * keep)
 
 
 def _params_of(optimizer, fn: str) -> list[torch.Tensor]:

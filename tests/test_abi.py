@@ -41,11 +41,17 @@ def test_compiled_modules_share_the_descriptor(module):
 
 
 def _descriptor():
-    """A real plan's descriptor with valid outputs, and the gradients it reads."""
+    """A copy of a real plan's descriptor with valid outputs (kept alive in the returned list), the
+    gradients it reads, and the engine's result for them."""
     grads = [torch.randn(100), torch.randn(7, dtype=torch.bfloat16)]
     at = _engine.target(grads, tuple(g.dtype for g in grads), "cpu")
     r = _engine.measure(at, 1.0, 2.0, dtypes=tuple(g.dtype for g in grads))
-    return at.plan.desc, grads, r
+    desc = _abi.ClipDesc.from_buffer_copy(at.plan.desc)
+    outputs = [torch.empty(4), torch.empty(2), torch.empty(2, dtype=torch.float64), torch.empty(2), torch.empty(4, dtype=torch.int64), torch.ones(1)]
+    for name, t in zip(("result", "tensor_norms", "tensor_partials", "tensor_max_abs", "tensor_counts", "scale_ptr"), outputs):
+        setattr(desc, name, t.data_ptr())
+    desc.max_norm, desc.p = 1.0, 2.0
+    return desc, grads, r, outputs
 
 
 @pytest.mark.parametrize(
@@ -62,7 +68,8 @@ def _descriptor():
 )
 def test_cpu_module_names_the_bad_field_before_touching_memory(field, value, words):
     m = importlib.import_module("gradfuse._C_cpu")
-    desc, grads, _ = _descriptor()
+    desc, grads, _, outputs = _descriptor()
+    m.reduce(desc.address(), 1)  # the unaltered descriptor is valid
     before = [g.clone() for g in grads]
     bad = _abi.ClipDesc.from_buffer_copy(desc)
     setattr(bad, field, value)
@@ -74,7 +81,7 @@ def test_cpu_module_names_the_bad_field_before_touching_memory(field, value, wor
 
 def test_cpu_scale_checks_its_factor_source():
     m = importlib.import_module("gradfuse._C_cpu")
-    desc, grads, _ = _descriptor()
+    desc, grads, _, outputs = _descriptor()
     bad = _abi.ClipDesc.from_buffer_copy(desc)
     bad.flags, bad.tensor_scales = _abi.FLAG_READ_TENSOR_SCALES, 0
     with pytest.raises(ValueError, match="tensor_scales is 0"):
@@ -102,7 +109,7 @@ def test_per_tensor_factors_clip_each_gradient_to_its_own_bound(backend):
 
 
 def test_fused_results_have_the_contracts_dtypes_and_shapes():
-    _, grads, r = _descriptor()
+    _, grads, r, _ = _descriptor()
     t = len(grads)
     assert r.tensor_norms.shape == (t,) and r.tensor_norms.dtype == torch.float32
     assert r.tensor_partials.shape == (t,) and r.tensor_partials.dtype == torch.float64
@@ -111,3 +118,36 @@ def test_fused_results_have_the_contracts_dtypes_and_shapes():
     assert r.total_norm.shape == () and r.tensor_scales is None
     ref = gradfuse.clip_grads(params_from([g.clone() for g in grads]), 1.0, apply=False, backend="torch")
     torch.testing.assert_close(r.tensor_partials, ref.tensor_partials, rtol=1e-6, atol=0)
+
+
+_ISA_PROBE = """
+import torch, gradfuse
+from gradfuse import _engine
+g = torch.Generator().manual_seed(3)
+grads = [torch.randn(n, generator=g).to(dt) * s for n, dt, s in
+         [(70001, torch.bfloat16, 1.0), (4099, torch.float16, 3.0), (65537, torch.float32, 1e20), (300, torch.bfloat16, 1e-30), (9000, torch.float32, 1.0)]]
+grads[0][5000] = float("nan")
+out = []
+for p in (2.0, 1.0, 3.0, float("inf"), 0.0):
+    r = _engine.clip(grads, 1.0, p, apply=False, backend="cpu")
+    out.append([r.result.tolist(), r.tensor_partials.tolist(), r.tensor_max_abs.tolist(), r.tensor_counts.tolist()])
+print(gradfuse._C_cpu.isa(), repr(out))
+"""
+
+
+def test_avx512_and_avx2_give_the_same_bits():
+    """The lane layout is fixed across instruction sets (kernels_impl.h), so AVX-512 and AVX2 give
+    the same bits. (The portable kernels have no FMA: their fp32 sums may differ in the last bits.)"""
+    import os
+    import subprocess
+    import sys
+
+    runs = {}
+    for isa in ("avx512", "avx2"):
+        env = {**os.environ, "GRADFUSE_CPU_ISA": isa}
+        out = subprocess.run([sys.executable, "-c", _ISA_PROBE], env=env, capture_output=True, text=True, check=True).stdout
+        got_isa, values = out.split(" ", 1)
+        runs[got_isa] = values
+    if len(runs) < 2:
+        pytest.skip(f"this CPU runs only {', '.join(runs)}")
+    assert len(set(runs.values())) == 1

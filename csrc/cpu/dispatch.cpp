@@ -15,8 +15,8 @@ const KernelSet& detect() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  if (allow_avx512 && has_avx2 && __builtin_cpu_supports("avx512f"))
-    return avx512::kKernels;
+  const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  if (allow_avx512 && has_avx512) return avx512::kKernels;
   if (allow_avx2 && has_avx2) return avx2::kKernels;
 #else
   (void)allow_avx2;

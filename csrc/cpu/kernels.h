@@ -33,7 +33,7 @@ struct KernelSet {
 };
 
 namespace avx512 {
-extern const KernelSet kKernels;  // needs AVX512F, AVX2, FMA and F16C
+extern const KernelSet kKernels;  // needs AVX512F, AVX512BW, AVX2, FMA and F16C
 }
 namespace avx2 {
 extern const KernelSet kKernels;  // needs AVX2 + FMA + F16C

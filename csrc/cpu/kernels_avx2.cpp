@@ -28,11 +28,12 @@ struct Vec {
   static F load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   // Lane order of load_row: register 4h + k holds the even elements of 32h + 16k .. + 15, register
   // 4h + 2 + k their odd elements.
-  static void load_row_bf16(const uint16_t* p, F* v) {
+  static void load_row_bf16(const uint16_t* p, F* v, I& mx) {
     const I high_half = _mm256_set1_epi32(static_cast<int32_t>(0xffff0000u));
     for (int h = 0; h < 2; ++h) {
       for (int k = 0; k < 2; ++k) {
         const I w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * h + 16 * k));
+        mx = _mm256_max_epu16(mx, _mm256_and_si256(w, _mm256_set1_epi16(0x7fff)));
         v[4 * h + k] = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
         v[4 * h + 2 + k] = _mm256_castsi256_ps(_mm256_and_si256(w, high_half));
       }
@@ -72,6 +73,11 @@ struct Vec {
   static I max_i(I a, I b) { return _mm256_max_epi32(a, b); }
   static I min_i(I a, I b) { return _mm256_min_epi32(a, b); }
   // a is a non-negative bit pattern, so a != 0 is a > 0; the compare gives -1 there.
+  // mx with the |x| bit patterns of the 16 16-bit elements at p folded in, lane-halves wise.
+  static I max_abs_u16(I mx, const uint16_t* p) {
+    const I w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm256_max_epu16(mx, _mm256_and_si256(w, _mm256_set1_epi16(0x7fff)));
+  }
   static I count_nonzero(I cnt, I a) { return _mm256_sub_epi32(cnt, _mm256_cmpgt_epi32(a, _mm256_setzero_si256())); }
 };
 

@@ -1,4 +1,4 @@
-// The kernels for AVX-512F: 16 fp32 lanes per register.
+// The kernels for AVX-512F (+ BW for 16-bit integer lanes): 16 fp32 lanes per register.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -10,7 +10,7 @@
 #include <immintrin.h>
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx2,fma,f16c")
 #if defined(__GNUC__) && !defined(__clang__)
 // GCC 12 warns about the `__Y = __Y` inside its own _mm512_undefined_* (GCC bug 105593).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -31,10 +31,12 @@ struct Vec {
   static F load_f32(const float* p) { return _mm512_loadu_ps(p); }
   static F load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
   // Lane order of load_row: even elements of 0..31, odd of 0..31, even of 32..63, odd of 32..63.
-  static void load_row_bf16(const uint16_t* p, F* v) {
+  // The |x| bit patterns of the row's words are folded into mx on the way (two per 32-bit lane).
+  static void load_row_bf16(const uint16_t* p, F* v, I& mx) {
     const I high_half = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
     for (int h = 0; h < 2; ++h) {
       const I w = _mm512_loadu_si512(p + 32 * h);
+      mx = _mm512_max_epu16(mx, _mm512_and_si512(w, _mm512_set1_epi16(0x7fff)));
       v[2 * h] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
       v[2 * h + 1] = _mm512_castsi512_ps(_mm512_and_si512(w, high_half));
     }
@@ -71,6 +73,11 @@ struct Vec {
   static F as_float(I a) { return _mm512_castsi512_ps(a); }
   static I max_i(I a, I b) { return _mm512_max_epi32(a, b); }
   static I min_i(I a, I b) { return _mm512_min_epi32(a, b); }
+  // mx with the |x| bit patterns of the 32 16-bit elements at p folded in, lane-halves wise.
+  static I max_abs_u16(I mx, const uint16_t* p) {
+    const I w = _mm512_loadu_si512(p);
+    return _mm512_max_epu16(mx, _mm512_and_si512(w, _mm512_set1_epi16(0x7fff)));
+  }
   static I count_nonzero(I cnt, I a) { return _mm512_mask_add_epi32(cnt, _mm512_test_epi32_mask(a, a), cnt, _mm512_set1_epi32(1)); }
 };
 

@@ -32,11 +32,12 @@ struct Vec {
   }
   // Lane order of load_row: register 8h + k holds the even elements of 32h + 8k .. + 7, register
   // 8h + 4 + k their odd elements (the low half of a little-endian 32-bit word is the even one).
-  static void load_row_bf16(const uint16_t* p, F* v) {
+  static void load_row_bf16(const uint16_t* p, F* v, I& mx) {
     for (int h = 0; h < 2; ++h) {
       for (int k = 0; k < 4; ++k) {
         U w;
         std::memcpy(&w, p + 32 * h + 8 * k, sizeof w);
+        mx = max_abs_u16(mx, p + 32 * h + 8 * k);
         const U even = w << 16, odd = w & 0xffff0000u;
         std::memcpy(&v[8 * h + k], &even, sizeof even);
         std::memcpy(&v[8 * h + 4 + k], &odd, sizeof odd);
@@ -79,6 +80,17 @@ struct Vec {
   static I min_i(I a, I b) {
     const I a_wins = a < b;
     return (a & a_wins) | (b & ~a_wins);
+  }
+  // mx with the |x| bit patterns of the 8 16-bit elements at p folded in, lane-halves wise.
+  static I max_abs_u16(I mx, const uint16_t* p) {
+    typedef uint16_t H __attribute__((vector_size(16)));
+    H w, m;
+    std::memcpy(&w, p, sizeof w);
+    std::memcpy(&m, &mx, sizeof m);
+    w &= 0x7fff;
+    m = m > w ? m : w;
+    std::memcpy(&mx, &m, sizeof mx);
+    return mx;
   }
   static I count_nonzero(I cnt, I a) { return cnt - (a != 0); }
 };

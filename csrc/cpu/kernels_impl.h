@@ -6,8 +6,9 @@
 // kernels.h before the pragma, never from here. No include guard on purpose.
 //
 // Vec provides, for W = Vec::kWidth fp32 lanes (F) and int32 lanes (I):
-//   zero, set1, set1_i, load_f32/_f16 (unaligned, to fp32), load_row_bf16 (a 64-element row in the
-//   lane order of load_row), store_f32/_f16 (from fp32, round to nearest even), scale_bf16 (2W bf16
+//   zero, set1, set1_i, load_f32/_f16 (unaligned, to fp32), max_abs_u16 (|x| bit patterns of 2W
+//   16-bit words folded into an I register, two per lane), load_row_bf16 (a 64-element row in the
+//   lane order of load_row, its max_abs_u16 folded into an I register), store_f32/_f16 (from fp32, round to nearest even), scale_bf16 (2W bf16
 //   times s in place, round to nearest even), store (W floats), store_i (W int32s), add, mul,
 //   fmadd (a * b + c), abs_bits(v, 0x7fffffff mask) (|x| as an int32 bit pattern), as_float (bit
 //   cast), max_i, min_i, count_nonzero(cnt, a) (cnt + (a != 0)).
@@ -74,12 +75,17 @@ inline float load_one(const typename Storage<D>::T* p) {
 // is lane i. bf16: even and odd elements split from whole 64-byte (32-element) loads, which a shift
 // or a mask turns into fp32 with no shuffle (half the work per element of widening 16 to 32 bits);
 // element i = 32h + j lands on lane 32h + 16 (j & 1) + j / 2 (row_lane), on every instruction set.
+// For the 16-bit types the |x| bit patterns of the row's raw words are folded into mx16 on the way
+// (two per 32-bit lane: see max_bits_of_halves); fp32 rows leave it alone.
 template <int64_t D>
-inline void load_row(const typename Storage<D>::T* row, F* v) {
+inline void load_row(const typename Storage<D>::T* row, F* v, I& mx16) {
   if constexpr (D == DTYPE_BF16) {
-    Vec::load_row_bf16(row, v);
+    Vec::load_row_bf16(row, v, mx16);
   } else {
     for (int j = 0; j < kRegs; ++j) v[j] = load<D>(row + j * kW);
+    if constexpr (D == DTYPE_F16) {
+      for (int j = 0; j < kRegs / 2; ++j) mx16 = Vec::max_abs_u16(mx16, row + 2 * kW * j);
+    }
   }
 }
 
@@ -237,10 +243,28 @@ inline void add_block_fp64(const typename Storage<D>::T* x, int64_t r0, int64_t 
 template <int K>
 constexpr int32_t kTinyBits = static_cast<int32_t>(127 + static_cast<int>(RESCAN_TERM_LOG2 / (K == NORM_L2 ? 2 : 1))) << 23;
 
+// The largest of the 16-bit |x| patterns held in the lane halves of v, as an fp32 |x| pattern.
+template <int64_t D>
+inline int32_t max_bits_of_halves(I v) {
+  int32_t lanes[kW];
+  Vec::store_i(lanes, v);
+  uint32_t m = 0;
+  for (int l = 0; l < kW; ++l) {
+    const uint32_t u = static_cast<uint32_t>(lanes[l]);
+    const uint32_t hi = u >> 16, lo = u & 0xffffu;
+    m = hi > m ? hi : m;
+    m = lo > m ? lo : m;
+  }
+  const uint16_t h = static_cast<uint16_t>(m);
+  return static_cast<int32_t>(bits_of(D == DTYPE_BF16 ? bf16_to_f32(h) : f16_to_f32(h)));  // NaN stays NaN
+}
+
 // Rows [r0, r1) of x (r1 - r0 <= kBlockRows): fp32 lane sums added to acc.sum, integer reductions
-// merged into acc. max |x| is kept per element for every kind (it is the chunk's max_abs).
+// merged into acc. max |x| is kept for every kind (it is the chunk's max_abs): per fp32 lane for
+// fp32, and for the 16-bit types on their raw words, two per 32-bit lane (half the work).
 template <int64_t D, int K>
 inline void reduce_block(const typename Storage<D>::T* x, int64_t r0, int64_t r1, double p, SpanAcc& acc) {
+  constexpr bool kWide = D == DTYPE_F32;
   const I abs_mask = Vec::set1_i(0x7fffffff);
   F s[kRegs];
   for (int j = 0; j < kRegs; ++j) s[j] = Vec::zero();
@@ -250,11 +274,11 @@ inline void reduce_block(const typename Storage<D>::T* x, int64_t r0, int64_t r1
   for (int64_t r = r0; r < r1; ++r) {
     const typename Storage<D>::T* row = x + r * kLanes;
     F v[kRegs];
-    load_row<D>(row, v);
+    load_row<D>(row, v, mx);
     if constexpr (K == NORM_P) {
       float xs[kLanes];
       for (int j = 0; j < kRegs; ++j) {
-        mx = Vec::max_i(mx, Vec::abs_bits(v[j], abs_mask));
+        if constexpr (kWide) mx = Vec::max_i(mx, Vec::abs_bits(v[j], abs_mask));
         Vec::store(xs + j * kW, v[j]);
       }
       for (int l = 0; l < kLanes; l += kPowLanes) {
@@ -267,16 +291,18 @@ inline void reduce_block(const typename Storage<D>::T* x, int64_t r0, int64_t r1
       }
     } else {
       for (int j = 0; j < kRegs; ++j) {
-        const I a = Vec::abs_bits(v[j], abs_mask);
-        mx = Vec::max_i(mx, a);
         if constexpr (K == NORM_L2) s[j] = Vec::fmadd(v[j], v[j], s[j]);
-        else if constexpr (K == NORM_L1) s[j] = Vec::add(s[j], Vec::as_float(a));
-        else if constexpr (K == NORM_NEG_INF) mn = Vec::min_i(mn, a);
-        else if constexpr (K == NORM_L0) cnt = Vec::count_nonzero(cnt, a);
+        if constexpr (kWide || K == NORM_L1 || K == NORM_NEG_INF || K == NORM_L0) {
+          const I a = Vec::abs_bits(v[j], abs_mask);
+          if constexpr (kWide) mx = Vec::max_i(mx, a);
+          if constexpr (K == NORM_L1) s[j] = Vec::add(s[j], Vec::as_float(a));
+          else if constexpr (K == NORM_NEG_INF) mn = Vec::min_i(mn, a);
+          else if constexpr (K == NORM_L0) cnt = Vec::count_nonzero(cnt, a);
+        }
       }
     }
   }
-  const int32_t block_max = hmax(mx);
+  const int32_t block_max = kWide ? hmax(mx) : max_bits_of_halves<D>(mx);
   const bool finite = block_max < kInfBits;
   if (!finite) count_block<D>(x, r0, r1, acc);
   acc.max_bits = block_max > acc.max_bits ? block_max : acc.max_bits;
