@@ -15,6 +15,7 @@ from .clip import (
     clip_grads_with_norm_,
     get_total_norm,
 )
+from .distributed import DistributedClipResult
 from .monitor import GradClipper, QuantileThreshold, ZScoreThreshold
 from .training import (
     NonFiniteCounter,
@@ -30,6 +31,7 @@ __all__ = [
     "BACKEND_NAMES",
     "BackendUnavailableError",
     "ClipResult",
+    "DistributedClipResult",
     "available_backends",
     "clip_grad_norm",
     "clip_grad_norm_",

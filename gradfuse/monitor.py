@@ -21,10 +21,11 @@ import numbers
 
 import torch
 
-from . import _validation as v
+from . import _layout, _validation as v
 from ._backends import requested_backend
 from ._engine import ClipResult
 from .clip import clip_grads
+from .distributed import DistributedClipResult
 from .training import NonFiniteCounter
 
 
@@ -162,9 +163,17 @@ class GradClipper:
     ``step()`` clips (``gradfuse.clip_grads``) and updates running statistics without a host sync:
     the step counts of a :class:`NonFiniteCounter` (``counter``), the last and the largest total
     norm, and each layer's last and largest norm. ``stats()`` reads them back (one sync).
+
+    Sharded gradients (DTensors, or ``group=`` as in :func:`gradfuse.clip_grad_norm_`): the totals
+    and thresholds are global and the same on every rank. ``layer_norms``: record the per-layer
+    norms, which for sharded gradients are the global ones, gathered by one more collective per
+    step and mesh (None, the default: only when that costs nothing, i.e. for local gradients).
     """
 
-    def __init__(self, parameters, max_norm=1.0, norm_type: float = 2.0, *, nonfinite: str = "propagate", backend: str | None = None):
+    def __init__(
+        self, parameters, max_norm=1.0, norm_type: float = 2.0, *, nonfinite: str = "propagate", backend: str | None = None,
+        group=None, layer_norms: bool | None = None,
+    ):  # fmt: skip
         fn = "GradClipper"
         self.named = _named(parameters)
         self.names = [name for name, _ in self.named]
@@ -173,6 +182,8 @@ class GradClipper:
         self.norm_type = v.check_norm_type(norm_type, fn)
         self.nonfinite = v.check_nonfinite(nonfinite, fn)
         self.backend = requested_backend(backend) if backend is not None else None
+        self.group = _layout.check_group(group, fn)
+        self.layer_norms = layer_norms
         self.counter = NonFiniteCounter()
         self._totals: torch.Tensor | None = None  # [last total norm, largest total norm]
         self._layer_last: torch.Tensor | None = None
@@ -182,11 +193,11 @@ class GradClipper:
     def step(self) -> ClipResult | None:
         params = [p for _, p in self.named]
         with_grad = [i for i, p in enumerate(params) if p.grad is not None]
-        if not with_grad:
+        if not with_grad and self.group is None:
             return None
-        device = params[with_grad[0]].grad.device
+        device = params[with_grad[0]].grad.device if with_grad else _layout.collective_device(self.group)
         max_norm = self.threshold.threshold(device) if self.threshold is not None else self.max_norm
-        result = clip_grads(params, max_norm, self.norm_type, nonfinite=self.nonfinite, backend=self.backend)
+        result = clip_grads(params, max_norm, self.norm_type, nonfinite=self.nonfinite, backend=self.backend, group=self.group)
         if self.threshold is not None:
             self.threshold.update(result.total_norm)
         self._record(result, with_grad, device)
@@ -205,7 +216,10 @@ class GradClipper:
         if self._index is None or self._index[0] != tuple(with_grad):  # copied once, not every step
             self._index = (tuple(with_grad), torch.tensor(with_grad, device=device))
         idx = self._index[1]
-        norms = r.tensor_norms.to(device, torch.float32)
+        sharded = isinstance(r, DistributedClipResult)
+        if not (self.layer_norms if self.layer_norms is not None else not sharded):
+            return
+        norms = (r.global_tensor_norms() if sharded else r.tensor_norms).to(device, torch.float32)
         self._layer_last.index_copy_(0, idx, norms)
         self._layer_max.index_copy_(0, idx, torch.fmax(self._layer_max.index_select(0, idx), norms))
 

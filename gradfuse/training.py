@@ -43,7 +43,7 @@ import torch
 import torch.optim.optimizer as _optimizer_module
 from torch.amp.grad_scaler import OptState
 
-from . import _abi, _engine, _validation as v, ops
+from . import _abi, _engine, _layout, _validation as v, ops
 from ._backends import requested_backend
 from ._engine import ClipResult
 from .clip import clip_grads
@@ -222,6 +222,8 @@ def _zero_if_found_(grads: list[torch.Tensor], found_inf: torch.Tensor, foreach,
     scale of 1, so a finite step costs one launch and no memory traffic)."""
     keep = (1.0 - found_inf.detach().to(torch.float32)).reshape(())  # 0-dim: the reference path's foreach mul needs it
     name = requested_backend(backend)
+    if _layout.has_dtensors(grads):  # the local shards, zeroed by the same flag (global, agreed by every rank)
+        grads = _layout.local_tensors(grads)
     if ops.is_compiling():
         torch.ops.gradfuse.scale_(grads, keep, True, name)
     else:
@@ -257,6 +259,8 @@ def clip_grad_norm_for_optimizer_(
     handoff: bool | None = None,
     foreach: bool | None = None,
     backend: str | None = None,
+    group=None,
+    exclude_from_norm=None,
 ) -> ClipResult | None:
     r"""Clip the gradients of ``optimizer``'s parameters for its next ``step()``, in one read.
 
@@ -284,12 +288,16 @@ def clip_grad_norm_for_optimizer_(
     ``scaler``: an enabled ``torch.amp.GradScaler`` routes to :func:`unscale_and_clip_`.
     ``max_norm`` may be a device tensor. No host sync except for "error". Returns the
     :class:`~gradfuse.ClipResult` (``scale``: the factor the step applies), or None without grads.
+    ``group``, ``exclude_from_norm``: sharded or pipelined gradients, as in
+    :func:`gradfuse.clip_grad_norm_` (found_inf, and so every policy, agrees across the group).
     """
     fn = "clip_grad_norm_for_optimizer_"
     if scaler is not None and scaler._enabled:
         return unscale_and_clip_(
-            scaler, optimizer, max_norm, norm_type, nonfinite=nonfinite, handoff=handoff, foreach=foreach, backend=backend
-        )
+            scaler, optimizer, max_norm, norm_type, nonfinite=nonfinite, handoff=handoff, foreach=foreach, backend=backend,
+            group=group, exclude_from_norm=exclude_from_norm,
+        )  # fmt: skip
+    dist_kw = dict(group=group, exclude_from_norm=exclude_from_norm)
     params = _params_of(optimizer, fn)
     nonfinite = v.check_nonfinite(nonfinite, fn)
     handoff = _use_handoff(optimizer, handoff, fn)
@@ -302,14 +310,14 @@ def clip_grad_norm_for_optimizer_(
                 "optimizer, a GradScaler, gradfuse.OptimizerClipper (whose step() then syncs once), or "
                 "gradfuse.clip_grads(nonfinite='skip') for the gradient-level policy"
             )
-        return clip_grads(params, max_norm, norm_type, nonfinite=nonfinite, apply=True, foreach=foreach, backend=backend)
+        return clip_grads(params, max_norm, norm_type, nonfinite=nonfinite, apply=True, foreach=foreach, backend=backend, **dist_kw)
 
     _check_no_foreign_scale(optimizer, fn)
     # "zero" is "skip" (a finite divisor of 1 on a bad step) plus a zeroing pass that does nothing
     # on finite steps: a fused optimizer cannot zero by division (NaN / x stays NaN).
     r = clip_grads(
         params, max_norm, norm_type, nonfinite="skip" if nonfinite == "zero" else nonfinite,
-        apply=False, foreach=foreach, backend=backend,
+        apply=False, foreach=foreach, backend=backend, **dist_kw,
     )  # fmt: skip
     if r is None:
         return None
@@ -322,17 +330,28 @@ def clip_grad_norm_for_optimizer_(
     return r
 
 
-def _check_scaler(scaler, fn: str) -> None:
+def _sharded_scaler_type():
+    try:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+    except ImportError:  # builds without torch.distributed
+        return None
+    return ShardedGradScaler
+
+
+def _check_scaler(scaler, fn: str) -> type:
+    """The scaler's emulated base: GradScaler, or torch's ShardedGradScaler (whose found_inf the
+    distributed clip agrees across ranks in its own collective)."""
     if not isinstance(scaler, torch.amp.GradScaler):
         raise TypeError(f"{fn}: scaler must be a torch.amp.GradScaler, not {type(scaler).__name__}")
-    base = torch.amp.GradScaler
+    sharded = _sharded_scaler_type()
+    base = sharded if sharded is not None and isinstance(scaler, sharded) else torch.amp.GradScaler
     for name in ("unscale_", "_unscale_grads_", "step", "update"):
         if getattr(type(scaler), name) is not getattr(base, name):
             raise TypeError(
-                f"{fn}: {type(scaler).__name__} overrides GradScaler.{name} (e.g. ShardedGradScaler "
-                "all-reduces found_inf), which unscale_and_clip_ cannot emulate; call "
-                "scaler.unscale_(optimizer) and then gradfuse.clip_grad_norm_ instead"
+                f"{fn}: {type(scaler).__name__} overrides {base.__name__}.{name}, which unscale_and_clip_ "
+                "cannot emulate; call scaler.unscale_(optimizer) and then gradfuse.clip_grad_norm_ instead"
             )
+    return base
 
 
 @torch.no_grad()
@@ -346,6 +365,8 @@ def unscale_and_clip_(
     handoff: bool | None = None,
     foreach: bool | None = None,
     backend: str | None = None,
+    group=None,
+    exclude_from_norm=None,
 ) -> ClipResult | None:
     r"""``scaler.unscale_(optimizer)`` + ``clip_grad_norm_(params, max_norm)`` in one read.
 
@@ -364,13 +385,18 @@ def unscale_and_clip_(
     scaled: saves that pass), "zero" (zeroed), "error" (one host sync, raise). The returned
     :class:`~gradfuse.ClipResult` holds the norms of the unscaled gradients. No host sync except
     for "error".
+
+    Sharded gradients (DTensors, or ``group=``): found_inf is agreed across the group in the clip's
+    one collective, so every rank skips or steps together. torch's ``ShardedGradScaler`` is taken
+    (its fp16 gradients too); the clip's group must contain its ``process_group``.
     """
     fn = "unscale_and_clip_"
-    _check_scaler(scaler, fn)
+    base = _check_scaler(scaler, fn)
     if not scaler._enabled:
         return clip_grad_norm_for_optimizer_(
-            optimizer, max_norm, norm_type, nonfinite=nonfinite, handoff=handoff, foreach=foreach, backend=backend
-        )
+            optimizer, max_norm, norm_type, nonfinite=nonfinite, handoff=handoff, foreach=foreach, backend=backend,
+            group=group, exclude_from_norm=exclude_from_norm,
+        )  # fmt: skip
     params = _params_of(optimizer, fn)
     nonfinite = v.check_nonfinite(nonfinite, fn)
     scale = scaler._scale  # GradScaler's own methods are on torch.compile's skip list: read its fields
@@ -387,7 +413,10 @@ def unscale_and_clip_(
     if stage is OptState.STEPPED:
         raise RuntimeError("unscale_() is being called after step().")
     grads = v.grads_of(params, fn)
-    if any(g.dtype == torch.float16 for g in grads):
+    sharded = base is not torch.amp.GradScaler
+    if sharded:
+        _layout.check_scaler_group(scaler.process_group, grads, group, fn)
+    elif any(g.dtype == torch.float16 for g in grads):
         raise ValueError("Attempting to unscale FP16 gradients.")
     handoff = _use_handoff(optimizer, handoff, fn)
     _drop_pending(optimizer)
@@ -398,7 +427,7 @@ def unscale_and_clip_(
     policy = "skip" if (handoff and nonfinite == "zero") else nonfinite
     r = clip_grads(
         params, max_norm, norm_type, nonfinite=policy, inv_scale=inv_scale, apply=not handoff,
-        foreach=foreach, backend=backend,
+        foreach=foreach, backend=backend, group=group, exclude_from_norm=exclude_from_norm,
     )  # fmt: skip
     if r is None:
         scaler._per_optimizer_states[id(optimizer)] = {"stage": OptState.UNSCALED, "found_inf_per_device": {}}
@@ -510,6 +539,8 @@ class OptimizerClipper:
     ``nonfinite="skip"`` with an optimizer that cannot skip on the device and no GradScaler, is
     handled here: the gradients are left untouched on a bad step and ``step()`` reads ``found_inf``
     once (a host sync, as ``GradScaler.step`` does for such optimizers) to skip the step.
+    ``group``, ``exclude_from_norm``: sharded or pipelined gradients, as in
+    :func:`gradfuse.clip_grad_norm_`.
     """
 
     def __init__(
@@ -524,6 +555,8 @@ class OptimizerClipper:
         foreach: bool | None = None,
         backend: str | None = None,
         counter: NonFiniteCounter | None = None,
+        group=None,
+        exclude_from_norm=None,
     ):
         fn = "OptimizerClipper"
         _params_of(optimizer, fn)
@@ -537,6 +570,7 @@ class OptimizerClipper:
         self.handoff = handoff
         self.foreach = foreach
         self.backend = backend
+        self.dist_kw = dict(group=group, exclude_from_norm=exclude_from_norm)
         self.counter = counter if counter is not None else NonFiniteCounter()
         self.last: ClipResult | None = None
         self._skip_on_host: torch.Tensor | None = None
@@ -546,14 +580,14 @@ class OptimizerClipper:
 
     def clip(self) -> ClipResult | None:
         """Clip the optimizer's gradients for the next :meth:`step`; returns the ClipResult."""
-        kw = dict(nonfinite=self.nonfinite, handoff=self.handoff, foreach=self.foreach, backend=self.backend)
+        kw = dict(nonfinite=self.nonfinite, handoff=self.handoff, foreach=self.foreach, backend=self.backend, **self.dist_kw)
         self._skip_on_host = None
         if self._scaler_on():
             r = unscale_and_clip_(self.scaler, self.optimizer, self.max_norm, self.norm_type, **kw)
         elif self.nonfinite == "skip" and not _use_handoff(self.optimizer, self.handoff, "OptimizerClipper.clip"):
             _drop_pending(self.optimizer)
             params = _params_of(self.optimizer, "OptimizerClipper.clip")
-            r = clip_grads(params, self.max_norm, self.norm_type, nonfinite="skip", foreach=self.foreach, backend=self.backend)
+            r = clip_grads(params, self.max_norm, self.norm_type, nonfinite="skip", foreach=self.foreach, backend=self.backend, **self.dist_kw)
             self._skip_on_host = None if r is None else r.found_inf
         else:
             r = clip_grad_norm_for_optimizer_(self.optimizer, self.max_norm, self.norm_type, **kw)
