@@ -90,6 +90,8 @@ def check_group(group, fn: str):
                 "mesh._flatten().get_group() or a ProcessGroup over its ranks"
             )
         group = group.get_group()
+    if group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group returns on the ranks left out
+        raise ValueError(f"{fn}: this rank ({dist.get_rank()}) is not a member of the group given as group=")
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"{fn}: group must be a torch.distributed ProcessGroup or a 1-D DeviceMesh, not {type(group).__name__}")
     if dist.get_rank(group) < 0:
@@ -112,7 +114,13 @@ def group_ranks(group) -> tuple[int, ...]:
 def _mesh_ranks(mesh) -> tuple[int, ...]:
     entry = _MESH_RANKS.get(id(mesh))
     if entry is None or entry[0] is not mesh:
-        entry = _MESH_RANKS[id(mesh)] = (mesh, tuple(sorted(mesh.mesh.flatten().tolist())))
+        # The mesh's rank table is a CPU tensor (never a device's): read it outside any dispatch
+        # mode (a sub-mesh indexes its parent's table, which a sync counter would take for a sync).
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():
+            ranks = tuple(sorted(mesh.mesh.flatten().tolist()))
+        entry = _MESH_RANKS[id(mesh)] = (mesh, ranks)
     return entry[1]
 
 
