@@ -87,7 +87,7 @@ def check_group(group, fn: str):
         if group.ndim != 1:
             raise ValueError(
                 f"{fn}: group= takes a ProcessGroup or a 1-D DeviceMesh, got a {group.ndim}-D mesh; pass "
-                "mesh._flatten().get_group() or a ProcessGroup over its ranks"
+                "mesh._flatten() (a 1-D mesh over the same ranks) or a ProcessGroup over its ranks"
             )
         group = group.get_group()
     if group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group returns on the ranks left out
