@@ -10,6 +10,8 @@ Neither module links libtorch: they take addresses and sizes as plain integers, 
 serves every torch version and ``pip install .`` works in an isolated environment with no torch.
 """
 
+from __future__ import annotations
+
 import os
 import shutil
 import subprocess
