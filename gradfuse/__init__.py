@@ -15,9 +15,8 @@ from .clip import (
     clip_grads_with_norm_,
     get_total_norm,
 )
-from .monitor import GradClipper, QuantileThreshold, ZScoreThreshold
+from .monitor import GradClipper, NonFiniteCounter, QuantileThreshold, ZScoreThreshold
 from .training import (
-    NonFiniteCounter,
     OptimizerClipper,
     clip_grad_norm_for_optimizer_,
     handoff_unsupported_reason,
