@@ -44,6 +44,11 @@ class Stats:
     def iqr_s(self) -> float:
         return self.p75_s - self.p25_s
 
+    @property
+    def noisy(self) -> bool:
+        """A spread (IQR) above the median: the machine's noise drowns the figure."""
+        return self.iqr_s > self.median_s
+
     def as_ms(self) -> dict:
         d = {k.replace("_s", "_ms"): v * 1e3 for k, v in asdict(self).items() if k != "reps"}
         return {**d, "iqr_ms": self.iqr_s * 1e3, "reps": self.reps}
