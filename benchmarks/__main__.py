@@ -31,7 +31,7 @@ REPEATS = {
     "cuda": timing.RepeatPolicy(warmup=3, min_reps=10, max_reps=100, target_s=0.2),
     "quick": timing.RepeatPolicy(warmup=1, min_reps=3, max_reps=3, target_s=0.0),
 }
-COPY_BYTES = {"cpu": 512 << 20, "cuda": 2 << 30, "quick": 32 << 20}
+COPY_BYTES = {"cpu": 256 << 20, "cuda": 2 << 30, "quick": 32 << 20}  # far above every cache
 COPY_REPEATS = timing.RepeatPolicy(warmup=2, min_reps=10, max_reps=10, target_s=0.0)
 
 # torch.compile under --compile auto. On CPU, Inductor needs ~30 s per graph for ~150 tensors (~50 s
@@ -188,6 +188,8 @@ def build_settings(args, device: torch.device, workloads, clock: Clock) -> Setti
         copy_bytes=COPY_BYTES[mode],
         copy_repeat=COPY_REPEATS,
         clock=clock,
+        # on CPU, unless --threads fixed it: fewer threads whenever other processes take cores
+        adapt_threads=device.type == "cpu" and not args.threads and not args.quick,
     )
 
 
@@ -239,9 +241,6 @@ def run(args, argv, clock_start: float) -> int:
     device = environment.pick_device(args.device)
     notes: list[str] = []
     threads = args.threads or (1 if args.quick else None)  # --quick measures nothing: one thread is enough
-    if threads is None and device.type == "cpu":
-        threads, note = environment.free_threads(torch.get_num_threads())
-        notes += [note] if note else []
     if threads:
         torch.set_num_threads(threads)
     workloads = select_workloads(args, device, notes)

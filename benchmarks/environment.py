@@ -117,20 +117,20 @@ def busy_cores(sample_s: float = 0.3) -> tuple[float, int] | None:
     return (cpus * (total - (idle1 - idle0)) / total, cpus) if total > 0 else None
 
 
-def free_threads(default: int) -> tuple[int, str | None]:
-    """torch CPU threads for a run: ``default``, or fewer when other processes keep cores busy
-    (threads that share a core with other work wait on each other at every parallel region: calls
-    of milliseconds then take hundreds). Returns the count and a note when it was lowered."""
+def free_threads(current: int) -> tuple[int, str | None]:
+    """torch CPU threads to use from now on: ``current``, or fewer when other processes keep cores
+    busy (threads that share a core with other work wait on each other at every parallel region:
+    calls of milliseconds then take hundreds). Returns the count and, when lowered, why."""
     sample = busy_cores()
     if sample is None:
-        return default, None
+        return current, None
     busy, cpus = sample
-    threads = max(1, min(default, math.floor(cpus - busy + 0.5)))
-    if threads == default:
-        return default, None
+    threads = max(1, min(current, math.floor(cpus - busy + 0.5)))
+    if threads == current:
+        return current, None
     return threads, (
-        f"the machine was busy at the start ({busy:.1f} of {cpus} cores in use by other processes): {threads} torch "
-        f"thread{'s' * (threads != 1)} instead of {default}, so that no thread waits for a shared core (--threads N to choose)"
+        f"{busy:.1f} of {cpus} cores busy with other processes: {threads} torch thread{'s' * (threads != 1)} "
+        f"instead of {current}, so that no thread waits for a shared core (--threads N fixes the count)"
     )
 
 

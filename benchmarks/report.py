@@ -186,10 +186,11 @@ def format_summary(rows: list[Row], copy_gbps: float, meta: dict, workloads: lis
         titles = _titles(lines[0], header, shown)
         if max(len(titles), *map(len, lines)) <= WIDTH:
             break
-    threads = meta["cpu_threads"]
+    counts = sorted({r.threads for r in rows if r.threads}, reverse=True) or [meta["cpu_threads"]]
+    threads = " then ".join(map(str, counts))
     text = (
         f"{impl} against torch.nn.utils.clip_grad_norm_(foreach=True) on {meta['device']} (torch {meta['torch']}, "
-        f"{threads} CPU thread{'s' * (threads != 1)}): median ms per call, speed-up, and %BW: the bytes the call must "
+        f"{threads} CPU thread{'s' * (counts != [1])}): median ms per call, speed-up, and %BW: the bytes the call must "
         f"move per second as a share of this machine's copy bandwidth, {copy_gbps:.1f} GB/s."
     )
     if any(w.numel != w.full_numel for w in workloads):

@@ -30,6 +30,7 @@ class Row:
     check: dict | None = None  # correctness.Check.as_dict()
     wall_s: float | None = None  # seconds the whole cell took (guard, warm-up, timed calls)
     estimate_s: float | None = None  # the schedule's estimate of wall_s
+    threads: int | None = None  # torch CPU threads the cell ran with
 
     @property
     def key(self) -> tuple[str, str, str]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import correctness, timing
+from . import correctness, environment, timing
 from .rows import ERROR, NOISY, OK, SKIPPED, WRONG, Row, derive_figures
 from .scenarios import (
     ADAMW_STEP_ONLY,
@@ -25,7 +25,7 @@ from .scenarios import (
     prepare,
     returned_norm,
 )
-from .schedule import Cell, Clock, estimate_cell
+from .schedule import COMPILE_FIRST_S, Cell, Clock, estimate_cells
 from .workloads import GradGroup, Workload, make_grad_group, nbytes, rotation_count, tensor_dtypes
 
 # A timing whose interquartile range exceeds its median says nothing: measured again up to this
@@ -83,6 +83,7 @@ class Settings:
     copy_bytes: int
     copy_repeat: timing.RepeatPolicy
     clock: Clock = field(default_factory=lambda: Clock(None))  # the run's time budget
+    adapt_threads: bool = False  # before each gradient group, lower torch's CPU threads if cores are taken
 
 
 @dataclass
@@ -122,16 +123,6 @@ def plan_cells(settings: Settings, impls: list[Impl]) -> list[Cell]:
     return [c for c in cells if not c.impl.compiled] + [c for c in cells if c.impl.compiled]
 
 
-def estimate_cells(cells: list[Cell], settings: Settings, copy_gbps: float) -> None:
-    first_compile = True
-    for c in cells:
-        c.estimate_s = estimate_cell(
-            c, copy_gbps, settings.repeat, settings.cache_bytes, first_compile=first_compile and c.impl.compiled,
-            cuda=settings.device.type == "cuda",
-        )  # fmt: skip
-        first_compile = first_compile and not c.impl.compiled
-
-
 def _takes_part(impl: Impl, w: Workload, dtype_set: str, scenario: Scenario, policy: CompilePolicy) -> bool:
     if impl is ADAMW_STEP_ONLY:
         return scenario.steps_optimizer
@@ -152,13 +143,15 @@ def run_suite(settings: Settings, gradfuse, progress) -> SuiteRun:
     if any(i.compiled for i in impls):
         run.notes.append(settings.compile.describe() + ("" if settings.compile.enabled else " (--compile on/auto to include it)"))
     cells = plan_cells(settings, impls)
-    estimate_cells(cells, settings, copy_before["gbps"])
+    estimate_cells(cells, copy_before["gbps"], settings.repeat, settings.cache_bytes, cuda=device.type == "cuda")
     progress.start(cells, settings.clock)
     remaining = sum(c.estimate_s for c in cells)
     hurried = False
     for (_, dtype_set), group_cells in itertools.groupby(cells, key=lambda c: (c.workload.name, c.dtype_set)):
         group_cells = list(group_cells)
         w = group_cells[0].workload
+        if settings.adapt_threads:
+            _adapt_threads(run, f"{w.name} {dtype_set}")
         group = None if settings.clock.past_budget() else _make_group(settings, w, dtype_set, run)
         for cell in group_cells:
             remaining -= cell.estimate_s
@@ -177,7 +170,7 @@ def run_suite(settings: Settings, gradfuse, progress) -> SuiteRun:
             progress.label(cell.label)
             t0 = time.perf_counter()
             row = run_cell(settings, group, cell, gradfuse, remaining, hurried)
-            row.wall_s, row.estimate_s = time.perf_counter() - t0, cell.estimate_s
+            row.wall_s, row.estimate_s, row.threads = time.perf_counter() - t0, cell.estimate_s, torch.get_num_threads()
             ran = row.status != SKIPPED
             if ran:  # a skipped cell leaves the plan: its estimate must not count as done work
                 settings.clock.record(cell.estimate_s, row.wall_s)
@@ -203,6 +196,13 @@ def run_suite(settings: Settings, gradfuse, progress) -> SuiteRun:
         )
     derive_figures(run.rows, run.copy_bandwidth["gbps"])
     return run
+
+
+def _adapt_threads(run: SuiteRun, label: str) -> None:
+    threads, why = environment.free_threads(torch.get_num_threads())
+    if why:
+        torch.set_num_threads(threads)
+        run.notes.append(f"from {label} on: {why}")
 
 
 def _not_run(cell: Cell, note: str) -> Row:
@@ -282,9 +282,12 @@ def run_cell(settings: Settings, group: GradGroup, cell: Cell, gradfuse, remaini
 
 
 def _compile_skip_reason(settings: Settings, cell: Cell, remaining_s: float) -> str | None:
-    if settings.compile.would_exceed(cell.estimate_s):
+    estimate = cell.estimate_s
+    if settings.compile.spent_s == 0 and not cell.startup_s:  # the planned first compile was skipped: this one starts Inductor
+        estimate += COMPILE_FIRST_S
+    if settings.compile.would_exceed(estimate):
         return f"compile budget of {settings.compile.budget_s:.0f} s would be passed (--compile-budget)"
-    if not settings.clock.fits(cell.estimate_s, remaining_s):
+    if not settings.clock.fits(estimate, remaining_s):
         return f"would not end within the run's time budget of {settings.clock.budget_s:.0f} s (--time-budget)"
     return None
 

@@ -17,7 +17,7 @@ from .workloads import Workload, nbytes, rotation_count, tensor_dtypes
 
 # Cost model, fitted to runs on the 2-core CPU machine (wall seconds per cell against the estimate).
 # Time per call: bytes moved / copy bandwidth * SLOWDOWN + tensors * PER_TENSOR_S.
-SLOWDOWN = {"gradfuse": 1.5, "torch:foreach": 3.5, "torch:loop": 4.0, "gradfuse:torch": 6.0, "adamw": 8.0}
+SLOWDOWN = {"gradfuse": 1.5, "torch:foreach": 3.5, "torch:loop": 4.0, "gradfuse:torch": 6.0, "adamw": 13.0}
 PER_TENSOR_S = {"gradfuse": 0.5e-6, "torch:foreach": 2e-6, "torch:loop": 12e-6, "gradfuse:torch": 3e-6, "adamw": 2e-6}
 CELL_OVERHEAD_S = 0.02  # preparing the call, the correctness guard's bookkeeping
 CHECK_PASSES = 4  # the guard's fp64 norm and samples, in reads of the gradient set
@@ -37,6 +37,7 @@ class Cell:
     scenario: Scenario
     impl: Impl
     estimate_s: float = 0.0
+    startup_s: float = 0.0  # part of estimate_s: the process's first compile (Inductor's start-up)
 
     @property
     def label(self) -> str:
@@ -63,7 +64,7 @@ def call_seconds(cell: Cell, copy_gbps: float) -> float:
     return seconds
 
 
-def estimate_cell(cell: Cell, copy_gbps: float, repeat: RepeatPolicy, cache_bytes: int, *, first_compile: bool, cuda: bool) -> float:
+def estimate_cell(cell: Cell, copy_gbps: float, repeat: RepeatPolicy, cache_bytes: int, *, cuda: bool) -> float:
     """Estimated wall seconds of ``cell``: the guard, one untimed call per gradient set, the
     warm-up and the timed calls, each followed by its restore (a scale pass)."""
     w = cell.workload
@@ -75,8 +76,18 @@ def estimate_cell(cell: Cell, copy_gbps: float, repeat: RepeatPolicy, cache_byte
     seconds = CELL_OVERHEAD_S + CHECK_PASSES * set_bytes / (copy_gbps * 1e9) + calls * (per_call + restore)
     if cell.impl.compiled:
         per_tensor = COMPILE_PER_TENSOR_S_CUDA if cuda else COMPILE_PER_TENSOR_S
-        seconds += w.num_tensors * per_tensor + (COMPILE_FIRST_S if first_compile else 0.0)
+        seconds += w.num_tensors * per_tensor
     return seconds
+
+
+def estimate_cells(cells: list[Cell], copy_gbps: float, repeat: RepeatPolicy, cache_bytes: int, *, cuda: bool) -> None:
+    """Each cell's estimate; the first compile cell also carries Inductor's start-up."""
+    for c in cells:
+        c.estimate_s = estimate_cell(c, copy_gbps, repeat, cache_bytes, cuda=cuda)
+    first = next((c for c in cells if c.impl.compiled), None)
+    if first is not None:
+        first.startup_s = COMPILE_FIRST_S
+        first.estimate_s += COMPILE_FIRST_S
 
 
 class Clock:

@@ -77,10 +77,11 @@ def test_quick_run_has_every_scenario_and_contender(quick_run):
         for scenario, factor in SCENARIOS.items():
             cell = {r["impl"]: r for r in rows if (r["workload"], r["dtype"], r["scenario"]) == (workload, dtype, scenario)}
             for impl in ("gradfuse:torch", "torch:foreach", "torch:loop"):
-                assert cell[impl]["status"] == "ok", (workload, dtype, scenario, impl, cell[impl]["note"])
+                # noisy: timed, but a busy machine spread the timings past their median (no figure then)
+                assert cell[impl]["status"] in ("ok", "noisy"), (workload, dtype, scenario, impl, cell[impl]["note"])
                 assert cell[impl]["bytes"] == factor * group["bytes"]
             if scenario == "fused-optimizer":
-                assert cell["adamw:step-only"]["status"] == "ok"
+                assert cell["adamw:step-only"]["status"] in ("ok", "noisy")
 
 
 def test_quick_run_figures_are_consistent(quick_run):
@@ -383,11 +384,13 @@ def test_the_time_budget_skips_compiles_that_do_not_fit_and_cells_past_it(tmp_pa
     from benchmarks.scenarios import SCENARIOS, TORCH_COMPILE
 
     cell = schedule.Cell(w, "fp32", SCENARIOS["clip"], TORCH_COMPILE, estimate_s=5.0)
-    settings = types.SimpleNamespace(compile=runner.CompilePolicy(budget_s=None), clock=clock)
+    settings = types.SimpleNamespace(compile=runner.CompilePolicy(budget_s=None, spent_s=1.0), clock=clock)
     assert "time budget of 10 s" in runner._compile_skip_reason(settings, cell, remaining_s=0.0)
     cell.estimate_s = 0.5
     assert runner._compile_skip_reason(settings, cell, remaining_s=0.0) is None
-    settings.compile = runner.CompilePolicy(budget_s=3.0, spent_s=2.8)
+    settings.compile.spent_s = 0.0  # no compile ran yet and this cell was not planned first: Inductor's start-up counts
+    assert "time budget of 10 s" in runner._compile_skip_reason(settings, cell, remaining_s=0.0)
+    settings.compile = runner.CompilePolicy(budget_s=3.0, spent_s=2.8)  # 2.8 + 0.5 > 3
     assert "compile budget of 3 s" in runner._compile_skip_reason(settings, cell, remaining_s=0.0)
 
     out = tmp_path / "late.json"
