@@ -93,6 +93,7 @@ class SuiteRun:
     notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     copy_bandwidth: dict | None = None
+    hurried: bool = False  # behind the time budget: the cells left take the fewest timed calls
 
 
 def implementations(device: torch.device, gradfuse, impl_filter: set[str] | None, notes: list[str]) -> list[Impl]:
@@ -139,6 +140,8 @@ def run_suite(settings: Settings, gradfuse, progress) -> SuiteRun:
     run = SuiteRun()
     device = settings.device
     impls = implementations(device, gradfuse, settings.impl_filter, run.notes)
+    if settings.adapt_threads:
+        _adapt_threads(run, "the start")
     copy_before = timing.copy_bandwidth(device, settings.copy_bytes, settings.copy_repeat)
     if any(i.compiled for i in impls):
         run.notes.append(settings.compile.describe() + ("" if settings.compile.enabled else " (--compile on/auto to include it)"))
@@ -146,7 +149,6 @@ def run_suite(settings: Settings, gradfuse, progress) -> SuiteRun:
     estimate_cells(cells, copy_before["gbps"], settings.repeat, settings.cache_bytes, cuda=device.type == "cuda")
     progress.start(cells, settings.clock)
     remaining = sum(c.estimate_s for c in cells)
-    hurried = False
     for (_, dtype_set), group_cells in itertools.groupby(cells, key=lambda c: (c.workload.name, c.dtype_set)):
         group_cells = list(group_cells)
         w = group_cells[0].workload
@@ -160,30 +162,41 @@ def run_suite(settings: Settings, gradfuse, progress) -> SuiteRun:
             if group is None or settings.clock.past_budget():
                 progress.advance(cell, None)
                 continue
-            if not hurried and settings.clock.behind(cell.estimate_s + remaining):
-                hurried = True
-                run.notes.append(
-                    f"the run fell behind its time budget of {settings.clock.budget_s:.0f} s: from {cell.label} on, "
-                    f"every cell took the fewest timed calls ({settings.repeat.min_reps}) on one gradient set (its "
-                    "rotation no longer defeats the cache), with no re-measurement of noisy timings"
-                )
-            progress.label(cell.label)
-            t0 = time.perf_counter()
-            row = run_cell(settings, group, cell, gradfuse, remaining, hurried)
-            row.wall_s, row.estimate_s, row.threads = time.perf_counter() - t0, cell.estimate_s, torch.get_num_threads()
-            ran = row.status != SKIPPED
-            if ran:  # a skipped cell leaves the plan: its estimate must not count as done work
-                settings.clock.record(cell.estimate_s, row.wall_s)
-            run.rows.append(row)
-            if cell.impl.is_gradfuse and row.status in (WRONG, ERROR):
-                message = f"{cell.impl.name} on {w.name}/{dtype_set}/{cell.scenario.name}: {row.note}"
-                run.failures.append(message)
-                progress.write(("WRONG RESULT: " if row.status == WRONG else "ERROR: ") + message)
-            progress.advance(cell, row.wall_s if ran else None)
+            _run_scheduled(settings, run, group, cell, gradfuse, progress, remaining)
         del group
         _free(device)
-    copy_after = timing.copy_bandwidth(device, settings.copy_bytes, settings.copy_repeat)
-    # Measured before and after the cells; the better one is the reference (a busy moment only slows).
+    _copy_bandwidth_after(settings, run, copy_before)
+    derive_figures(run.rows, run.copy_bandwidth["gbps"])
+    return run
+
+
+def _run_scheduled(settings: Settings, run: SuiteRun, group: GradGroup, cell: Cell, gradfuse, progress, remaining_s: float) -> None:
+    """Run one cell of the plan: hurried once the run is behind its budget; timed and recorded."""
+    if not run.hurried and settings.clock.behind(cell.estimate_s + remaining_s):
+        run.hurried = True
+        run.notes.append(
+            f"the run fell behind its time budget of {settings.clock.budget_s:.0f} s: from {cell.label} on, "
+            f"every cell took the fewest timed calls ({settings.repeat.min_reps}) on one gradient set (its "
+            "rotation no longer defeats the cache), with no re-measurement of noisy timings"
+        )
+    progress.label(cell.label)
+    t0 = time.perf_counter()
+    row = run_cell(settings, group, cell, gradfuse, remaining_s, run.hurried)
+    row.wall_s, row.estimate_s, row.threads = time.perf_counter() - t0, cell.estimate_s, torch.get_num_threads()
+    ran = row.status != SKIPPED
+    if ran:  # a skipped cell leaves the plan: its estimate must not count as done work
+        settings.clock.record(cell.estimate_s, row.wall_s)
+    run.rows.append(row)
+    if cell.impl.is_gradfuse and row.status in (WRONG, ERROR):
+        message = f"{cell.impl.name} on {cell.workload.name}/{cell.dtype_set}/{cell.scenario.name}: {row.note}"
+        run.failures.append(message)
+        progress.write(("WRONG RESULT: " if row.status == WRONG else "ERROR: ") + message)
+    progress.advance(cell, row.wall_s if ran else None)
+
+
+def _copy_bandwidth_after(settings: Settings, run: SuiteRun, copy_before: dict) -> None:
+    """Measure again after the cells; the better one is the reference (a busy moment only slows)."""
+    copy_after = timing.copy_bandwidth(settings.device, settings.copy_bytes, settings.copy_repeat)
     run.copy_bandwidth = {
         **max(copy_before, copy_after, key=lambda c: c["gbps"]),
         "gbps_before_and_after": [copy_before["gbps"], copy_after["gbps"]],
@@ -194,8 +207,6 @@ def run_suite(settings: Settings, gradfuse, progress) -> SuiteRun:
             f"the machine was busy during this run: copy bandwidth {copy_before['gbps']:.1f} GB/s before the cells "
             f"and {copy_after['gbps']:.1f} after; other work shares it, so re-run before trusting these figures"
         )
-    derive_figures(run.rows, run.copy_bandwidth["gbps"])
-    return run
 
 
 def _adapt_threads(run: SuiteRun, label: str) -> None:
