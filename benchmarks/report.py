@@ -53,9 +53,8 @@ class Progress:
             return
         self._bar = tqdm(
             total=max(self._total_s, 1e-9), file=sys.stderr, leave=False, ncols=WIDTH,
-            bar_format="{desc}{percentage:3.0f}%|{bar}| {postfix}",
+            bar_format="{desc}{percentage:3.0f}%|{bar}| {postfix[0]}", postfix=[self._status()],
         )  # fmt: skip
-        self._bar.set_postfix_str(self._status(), refresh=True)
 
     def eta_s(self) -> float:
         return self._clock.pace * self._remaining_s if self._clock else 0.0
@@ -67,7 +66,8 @@ class Progress:
     def label(self, text: str) -> None:
         if self._bar is not None:
             self._bar.set_description_str(f"{text[:44]:<44} ", refresh=False)
-            self._bar.set_postfix_str(self._status(), refresh=True)
+            self._bar.postfix[0] = self._status()  # a list, so that tqdm adds no ", " before it
+            self._bar.refresh()
         elif self._enabled and self._clock is not None and self._clock.elapsed_s - self._last_line >= self.LINE_EVERY_S:
             self._last_line = self._clock.elapsed_s
             done = 1 - self._remaining_s / self._total_s if self._total_s else 1.0
@@ -81,8 +81,10 @@ class Progress:
             self._total_s -= cell.estimate_s
         if self._bar is None:
             return
+        self._bar.postfix[0] = self._status()
         if wall_s is None:
             self._bar.total = max(self._total_s, self._bar.n, 1e-9)
+            self._bar.refresh()
         else:
             self._bar.update(cell.estimate_s)
 
