@@ -1,8 +1,8 @@
 """Public API: drop-in replacements for ``torch.nn.utils``'s clipping functions, plus ``clip_grads``.
 
 Same names, signatures, defaults and return values as torch 2.13; gradfuse's own options are
-keyword-only and come after torch's. Each function validates, then calls ``gradfuse._engine``
-(or, under ``torch.compile``, the same engine through the ``gradfuse::clip_`` custom op).
+keyword-only and come after torch's. Each function validates, then calls ``gradfuse.ops`` (the
+engine, or under ``torch.compile`` the same engine through its custom op).
 """
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ import functools
 import torch
 from typing_extensions import deprecated
 
-from . import _abi, _engine, _layout, _reference, _validation as v, distributed, ops
-from ._backends import requested_backend
+from . import _abi, _layout, _reference, _validation as v, distributed, ops
 from ._engine import ClipResult
+
+# torch's own clamp pass, taken at import: gradfuse.patch_torch() replaces torch.nn.utils.clip_grad_value_
+# with gradfuse's, which calling it by name would then recurse into.
+_torch_clip_grad_value_ = torch.nn.utils.clip_grad.clip_grad_value_
 
 _POLICIES = {"propagate": _abi.POLICY_PROPAGATE, "skip": _abi.POLICY_SKIP, "zero": _abi.POLICY_ZERO, "error": _abi.POLICY_PROPAGATE}
 
@@ -27,29 +30,9 @@ def _no_grad(fn):
     return functools.update_wrapper(wrapper, fn)
 
 
-def _run(grads, dtypes, max_norm, p, *, apply, backend, error_if_nonfinite, foreach, policy=_abi.POLICY_PROPAGATE, inv_scale=None,
-         group=None, excluded=(), fn="") -> ClipResult:  # fmt: skip
-    name = requested_backend(backend)
-    if group is not None or _layout.has_dtensors(grads):
-        return distributed.clip(
-            grads, dtypes, max_norm, p, apply=apply, backend=name, error_if_nonfinite=error_if_nonfinite, foreach=foreach,
-            policy=policy, inv_scale=inv_scale, group=group, excluded=excluded, fn=fn,
-        )  # fmt: skip
-    if excluded:
-        raise ValueError(f"{fn}: exclude_from_norm marks copies held by other ranks: it needs group= or DTensor gradients")
-    if ops.is_compiling():
-        return ops.clip_compiled(
-            grads, max_norm, p, apply=apply, backend=name, error_if_nonfinite=error_if_nonfinite, policy=policy, inv_scale=inv_scale
-        )
-    return _engine.clip(
-        grads, max_norm, p, apply=apply, backend=name, error_if_nonfinite=error_if_nonfinite, foreach=foreach, policy=policy,
-        inv_scale=inv_scale, dtypes=dtypes,
-    )
-
-
 def _distribution(items: list, group, exclude_from_norm, fn: str):
-    """``group=`` checked, and the indices (among ``items``, those whose gradients are clipped) that
-    ``exclude_from_norm`` names."""
+    """``group=`` checked, and the indices among ``items`` (those whose gradients are clipped, in
+    order) that ``exclude_from_norm`` names."""
     group = _layout.check_group(group, fn)
     excluded = _layout.excluded_indices(items, exclude_from_norm, fn) if exclude_from_norm is not None else ()
     return group, excluded
@@ -57,6 +40,15 @@ def _distribution(items: list, group, exclude_from_norm, fn: str):
 
 def _with_grad(params: list, exclude_from_norm) -> list:
     return params if exclude_from_norm is None else [p for p in params if p.grad is not None]
+
+
+def _clip(grads, max_norm, p, *, group, excluded, fn, **kwargs) -> ClipResult:
+    """The distributed layer for DTensor gradients or ``group=``, else the engine (``gradfuse.ops``)."""
+    if group is not None or _layout.has_dtensors(grads):
+        return distributed.clip(grads, max_norm, p, group=group, excluded=excluded, fn=fn, **kwargs)
+    if excluded:
+        raise ValueError(f"{fn}: exclude_from_norm marks copies held by other ranks: it needs group= or DTensor gradients")
+    return ops.clip(grads, max_norm, p, **kwargs)
 
 
 def _returned_total(r: ClipResult) -> torch.Tensor:
@@ -81,8 +73,8 @@ def get_total_norm(
     if not tensors and group is None:
         return torch.tensor(0.0)
     dtypes = v.check_grads(tensors, p, foreach, fn)
-    r = _run(tensors, dtypes, 0.0, p, apply=False, backend=backend, error_if_nonfinite=error_if_nonfinite, foreach=foreach,
-             group=group, excluded=excluded, fn=fn)  # fmt: skip
+    r = _clip(tensors, 0.0, p, apply=False, backend=backend, error_if_nonfinite=error_if_nonfinite, foreach=foreach, dtypes=dtypes,
+              group=group, excluded=excluded, fn=fn)  # fmt: skip
     return _returned_total(r)
 
 
@@ -102,15 +94,9 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
     v.check_grads(grads, 2.0, foreach, fn)
     if _layout.is_dtensor(total_norm):  # torch's get_total_norm gives a DTensor (Partial until reduced)
         total_norm = total_norm.full_tensor()
-    if _layout.has_dtensors(grads):  # a DTensor's shards scale by the same factor
-        grads = _layout.local_tensors(grads)
     acc = torch.float64 if total_norm.dtype == torch.float64 else torch.float32
     coef = _reference.clip_coefficient(total_norm.to(acc), max_norm)
-    name = requested_backend(backend)
-    if ops.is_compiling():
-        torch.ops.gradfuse.scale_(grads, coef.reshape(1).float(), False, name)
-    else:
-        _engine.scale_(grads, coef, backend=name, foreach=foreach)
+    ops.scale_(grads, coef, backend=backend, foreach=foreach)
 
 
 @_no_grad
@@ -169,8 +155,8 @@ def clip_grad_norm_(
     if not grads and group is None:
         return torch.tensor(0.0)
     dtypes = v.check_grads(grads, p, foreach, fn)
-    r = _run(grads, dtypes, max_norm, p, apply=True, backend=backend, error_if_nonfinite=error_if_nonfinite, foreach=foreach,
-             group=group, excluded=excluded, fn=fn)  # fmt: skip
+    r = _clip(grads, max_norm, p, apply=True, backend=backend, error_if_nonfinite=error_if_nonfinite, foreach=foreach, dtypes=dtypes,
+              group=group, excluded=excluded, fn=fn)  # fmt: skip
     return _returned_total(r)
 
 
@@ -198,7 +184,7 @@ def clip_grad_value_(parameters, clip_value: float, foreach: bool | None = None)
     if not grads:
         raise RuntimeError("Expected !nested_tensorlist[0].empty() to be true, but got false.")
     v.check_grads(grads, 2.0, foreach, fn)
-    torch.nn.utils.clip_grad_value_(params, clip_value, foreach=foreach)
+    _torch_clip_grad_value_(params, clip_value, foreach=foreach)
 
 
 @_no_grad
@@ -237,7 +223,7 @@ def clip_grads(
     if not grads and group is None:
         return None
     dtypes = v.check_grads(grads, p, foreach, fn)
-    return _run(
-        grads, dtypes, max_norm, p, apply=apply, backend=backend, error_if_nonfinite=nonfinite == "error",
-        foreach=foreach, policy=_POLICIES[nonfinite], inv_scale=inv_scale, group=group, excluded=excluded, fn=fn,
+    return _clip(
+        grads, max_norm, p, apply=apply, backend=backend, error_if_nonfinite=nonfinite == "error", foreach=foreach,
+        policy=_POLICIES[nonfinite], inv_scale=inv_scale, dtypes=dtypes, group=group, excluded=excluded, fn=fn,
     )  # fmt: skip

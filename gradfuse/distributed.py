@@ -154,22 +154,24 @@ def _l0_count(masked: torch.Tensor, lay: Layout, flags: torch.Tensor) -> tuple[t
 @torch.compiler.disable  # collectives and host-side layout work: eager even inside a compiled step
 def clip(
     grads: list[torch.Tensor],
-    dtypes: tuple[torch.dtype, ...],
     max_norm: float | torch.Tensor,
     p: float,
     *,
     apply: bool,
-    backend: str | None,
-    error_if_nonfinite: bool,
-    foreach: bool | None,
-    policy: int,
-    inv_scale: torch.Tensor | None,
-    group,
-    excluded: tuple[int, ...],
-    fn: str,
+    backend: str | None = None,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    policy: int = _abi.POLICY_PROPAGATE,
+    inv_scale: torch.Tensor | None = None,
+    dtypes: tuple[torch.dtype, ...] | None = None,
+    group=None,
+    excluded: tuple[int, ...] = (),
+    fn: str = "clip",
 ) -> DistributedClipResult:
-    """Measure ``grads`` (validated; DTensors and/or plain tensors, possibly none on this rank when
-    ``group`` is given) over the layout, and scale the local shards in place when ``apply``."""
+    """``gradfuse._engine.clip``'s arguments, for ``grads`` (validated; DTensors and/or plain
+    tensors, none on this rank possibly when ``group`` is given): measure over the layout, scale
+    the local shards in place when ``apply``."""
+    dtypes = tuple(g.dtype for g in grads) if dtypes is None else dtypes
     lay = layout_of(grads, group, excluded, fn)
     kind = _abi.norm_kind(p)
     local = local_tensors(grads)

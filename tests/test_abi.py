@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import params_from
+from helpers import params_from
 
 import gradfuse
 from gradfuse import _abi, _engine
