@@ -235,14 +235,14 @@ def _build(grads, group, excluded: set[int], device: torch.device, fn: str) -> L
         else:
             counted.append(i not in excluded)
             plain.append(i)
-    if plain and group is None:
-        raise ValueError(
+    if plain and group is None:  # torch's type: its stack of mixed norms raises a RuntimeError
+        raise RuntimeError(
             f"{fn}: gradient {plain[0]} is a plain tensor among DTensor gradients; make it a DTensor (e.g. "
             "Replicate() on its mesh), or pass group= to say that plain tensors are this rank's part of a "
             "model spread over that group"
         )
     if len({m.device_type for m in meshes}) > 1:
-        raise ValueError(f"{fn}: the DTensor gradients are on meshes of several device types ({sorted({m.device_type for m in meshes})})")
+        raise RuntimeError(f"{fn}: the DTensor gradients are on meshes of several device types ({sorted({m.device_type for m in meshes})})")
     union = tuple(sorted(set().union(*by_ranks))) if by_ranks else ()
     if group is not None:
         ranks = group_ranks(group)

@@ -393,7 +393,7 @@ def refusals_before_any_gradient_is_touched():
     lin(torch.ones(1, 2)).sum().backward()
     calls = {
         "Partial": (lambda: gradfuse.clip_grad_norm_(params + [h], 1.0), ValueError),
-        "plain tensor among DTensor": (lambda: gradfuse.clip_grad_norm_(params + [plain], 1.0), ValueError),
+        "plain tensor among DTensor": (lambda: gradfuse.clip_grad_norm_(params + [plain], 1.0), RuntimeError),
         "exclude_from_norm": (lambda: gradfuse.clip_grad_norm_(lin.parameters(), 1.0, exclude_from_norm=[lin.bias]), ValueError),
         "ProcessGroup": (lambda: gradfuse.clip_grad_norm_(params, 1.0, group="world"), TypeError),
     }
@@ -611,6 +611,14 @@ def nan_on_one_rank_of_dp_by_tp_and_group_refusals():
         assert float(r.found_inf) == 1.0
         if policy == "zero":
             assert all((local(g) == 0).all() for g in grads_of(params))
+    # A rank set no mesh dimension spans gets a group of its own, created by its members alone, once.
+    from gradfuse import _layout
+
+    if dist.get_rank() in (0, 2):
+        pair = _layout.group_for((0, 2), [])
+        x = torch.ones(1)
+        dist.all_reduce(x, group=pair)
+        assert float(x) == 2.0 and _layout.group_for((0, 2), []) is pair
     sub = dist.new_group([0, 1])
     checks = [(lambda: gradfuse.clip_grad_norm_(params, 1.0, group=mesh), "1-D DeviceMesh")]
     checks.append((lambda: gradfuse.clip_grad_norm_(params, 1.0, group=sub), "not in the group" if dist.get_rank() < 2 else "not a member"))
