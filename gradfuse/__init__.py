@@ -15,7 +15,13 @@ from .clip import (
     clip_grads_with_norm_,
     get_total_norm,
 )
+from . import histogram, plot, sinks
+from .history import NormHistory
+from .histogram import log2_histograms
 from .monitor import GradClipper, QuantileThreshold, ZScoreThreshold
+from .report import GradientReport, inspect_gradients
+from .sinks import CSVSink, JSONLSink, TensorBoardSink, read_jsonl
+from .telemetry import Telemetry, TelemetryRecord
 from .training import (
     NonFiniteCounter,
     OptimizerClipper,
@@ -38,6 +44,19 @@ __all__ = [
     "clip_grads_with_norm_",
     "get_total_norm",
     "GradClipper",
+    "GradientReport",
+    "inspect_gradients",
+    "NormHistory",
+    "Telemetry",
+    "TelemetryRecord",
+    "log2_histograms",
+    "CSVSink",
+    "JSONLSink",
+    "TensorBoardSink",
+    "read_jsonl",
+    "histogram",
+    "plot",
+    "sinks",
     "QuantileThreshold",
     "ZScoreThreshold",
     "NonFiniteCounter",
