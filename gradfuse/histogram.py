@@ -8,10 +8,11 @@ binned by its top 16 bits (a bf16 truncation: the same exponent, so exact except
 below 2^-133 count as zeros and a NaN whose payload lies only in the low 16 bits counts as Inf);
 fp64 and complex gradients are binned after rounding to fp32.
 
-Per dtype group, a fixed number of ops per chunk of at most ``CHUNK`` elements (the group's
-gradients are flattened and concatenated chunk by chunk): bits -> table -> plus the layer's offset
--> one ``index_add_`` into a ``[layers, buckets]`` int64 table. No host read (``index_add_`` needs
-no bin count, unlike ``bincount``).
+The elements are counted by magnitude pattern (``index_add_`` into ``[layers, 2^15]`` counts: no
+host read, unlike ``bincount``, which reads its largest value), then each table is folded into the
+buckets with one ``index_add_`` per dtype group. Off the CPU a fixed number of ops per chunk of at
+most ``CHUNK`` elements (the gradients concatenated, each element's row offset added); on the CPU
+one ``index_add_`` per gradient (there bandwidth, not launches, is what costs).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ ZERO_BUCKET = 0
 INF_BUCKET = MAX_EXP - MIN_EXP + 2
 NAN_BUCKET = INF_BUCKET + 1
 NUM_BUCKETS = NAN_BUCKET + 1
-#: elements per chunk: bounds the temporaries (about 26 bytes per element) on the steps that ask.
+#: the 15-bit magnitude patterns of a 16-bit float (sign dropped): first counted, then folded.
+PATTERNS = 1 << 15
+#: elements per chunk off the CPU: bounds the temporaries (about 14 bytes per element).
 CHUNK = 1 << 24
 
 
@@ -77,13 +80,41 @@ def _as_binnable(g: torch.Tensor) -> torch.Tensor:
     return g.reshape(-1)
 
 
-def _buckets(flat: torch.Tensor) -> torch.Tensor:
-    """int64 bucket of every element of a flat fp16/bf16/fp32 tensor."""
+def _magnitudes(flat: torch.Tensor) -> torch.Tensor:
+    """The 15 magnitude bits of each element (of its top 16 bits for fp32), as int32 (an index)."""
     if flat.dtype == torch.float32:
-        magnitude = torch.bitwise_right_shift(flat.view(torch.int32), 16).bitwise_and_(0x7FFF)
-        return _table_on(torch.bfloat16, flat.device).index_select(0, magnitude.to(torch.int64))
-    magnitude = flat.view(torch.int16).bitwise_and(0x7FFF)
-    return _table_on(flat.dtype, flat.device).index_select(0, magnitude.to(torch.int64))
+        return torch.bitwise_right_shift(flat.view(torch.int32), 16).bitwise_and_(0x7FFF)
+    return flat.view(torch.int16).to(torch.int32).bitwise_and_(0x7FFF)
+
+
+@functools.lru_cache(maxsize=256)
+def _piece_tables(piece: tuple[tuple[int, int], ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device tensors of each part's row offset and length, copied once per chunk layout (a
+    blocking host-to-device copy would wait for the device)."""
+    offsets = torch.tensor([row * PATTERNS for row, _ in piece], dtype=torch.int32)
+    lengths = torch.tensor([n for _, n in piece], dtype=torch.int64)
+    return offsets.to(device), lengths.to(device)
+
+
+def _count_patterns(raw: torch.Tensor, flats: list[torch.Tensor], chunk: int, per_tensor: bool) -> None:
+    """raw[r * PATTERNS + m] += the elements of flats[r] whose magnitude bits are m.
+
+    ``per_tensor`` (the CPU): one ``index_add_`` per tensor (memory bound: no concatenation, no
+    per-element row offsets). Otherwise (devices where launches cost more than bandwidth) a fixed
+    number of ops per chunk: concatenate, magnitude bits plus each element's row offset, one
+    ``index_add_``."""
+    one = torch.ones((), dtype=torch.int32, device=raw.device)
+    if per_tensor:
+        for r, f in enumerate(flats):
+            if f.numel():
+                raw[r * PATTERNS : (r + 1) * PATTERNS].index_add_(0, _magnitudes(f), one.expand(f.numel()))
+        return
+    for piece in _chunks([f.numel() for f in flats], chunk):
+        parts = [flats[r][a:b] for r, a, b in piece]
+        flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+        offsets, lengths = _piece_tables(tuple((r, b - a) for r, a, b in piece), raw.device)
+        codes = torch.repeat_interleave(offsets, lengths, output_size=flat.numel()).add_(_magnitudes(flat))
+        raw.index_add_(0, codes, one.expand(codes.numel()))
 
 
 def _chunks(sizes: list[int], limit: int):
@@ -104,15 +135,6 @@ def _chunks(sizes: list[int], limit: int):
         yield piece
 
 
-@functools.lru_cache(maxsize=256)
-def _piece_tables(piece: tuple[tuple[int, int], ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Device tensors of each part's row offset and length, copied once per chunk layout (a
-    blocking host-to-device copy would wait for the device)."""
-    offsets = torch.tensor([row * NUM_BUCKETS for row, _ in piece], dtype=torch.int64)
-    lengths = torch.tensor([n for _, n in piece], dtype=torch.int64)
-    return offsets.to(device), lengths.to(device)
-
-
 @torch.no_grad()
 def log2_histograms(grads: list[torch.Tensor], *, chunk: int = CHUNK) -> torch.Tensor:
     """int64 ``[len(grads), NUM_BUCKETS]``: each gradient's log2-magnitude histogram, on the device
@@ -120,19 +142,22 @@ def log2_histograms(grads: list[torch.Tensor], *, chunk: int = CHUNK) -> torch.T
     if not grads:
         raise ValueError("log2_histograms: no gradients given")
     device = grads[0].device
-    out = torch.zeros(len(grads) * NUM_BUCKETS, dtype=torch.int64, device=device)
+    out = torch.empty((len(grads), NUM_BUCKETS), dtype=torch.int64, device=device)
     flats = [_as_binnable(g).to(device) for g in grads]
     groups: dict[torch.dtype, list[int]] = {}
     for i, f in enumerate(flats):
-        if f.numel():
-            groups.setdefault(f.dtype, []).append(i)
-    for members in groups.values():
-        sizes = [flats[i].numel() for i in members]
-        for piece in _chunks(sizes, chunk):
-            parts = [flats[members[k]][a:b] for k, a, b in piece]
-            flat = parts[0] if len(parts) == 1 else torch.cat(parts)
-            offsets, lengths = _piece_tables(tuple((members[k], b - a) for k, a, b in piece), device)
-            offset = torch.repeat_interleave(offsets, lengths, output_size=flat.numel())
-            codes = _buckets(flat).add_(offset)
-            out.index_add_(0, codes, torch.ones((), dtype=torch.int64, device=device).expand(codes.numel()))
-    return out.view(len(grads), NUM_BUCKETS)
+        groups.setdefault(torch.float16 if f.dtype == torch.float16 else torch.bfloat16, []).append(i)  # fp32: bf16's table
+    for table_dtype, members in groups.items():
+        raw = torch.zeros(len(members) * PATTERNS, dtype=torch.int32, device=device)
+        _count_patterns(raw, [flats[i] for i in members], chunk, per_tensor=device.type == "cpu")
+        folded = torch.zeros((len(members), NUM_BUCKETS), dtype=torch.int64, device=device)
+        folded.index_add_(1, _table_on(table_dtype, device), raw.view(len(members), PATTERNS).to(torch.int64))
+        if len(groups) == 1:
+            return folded
+        out.index_copy_(0, _rows_on(tuple(members), device), folded)
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _rows_on(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.int64).to(device)  # copied once per set of rows

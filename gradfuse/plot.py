@@ -100,21 +100,33 @@ def _norm_panel(ax, s: _Series) -> None:
     ax.legend(loc="upper left", fontsize=7, ncol=3, framealpha=0.85)
 
 
+_CURVES = ("#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf", "#7f7f7f")
+
+
 def _loss_panel(ax, step: np.ndarray, curves: dict[str, np.ndarray]) -> None:
-    positive = True
-    for i, (label, y) in enumerate(curves.items()):
-        y = np.asarray(y, dtype=np.float64)
+    """The loss curves; the y range is set by where they start, so that a run that blows up leaves
+    the panel at the top (marked with the step where it does) instead of flattening the others."""
+    ys = [np.asarray(y, dtype=np.float64) for y in curves.values()]
+    starts = [y[np.isfinite(y)][:5] for y in ys]
+    starts = np.concatenate([a for a in starts if a.size]) if any(a.size for a in starts) else np.array([1.0])
+    finite_all = np.concatenate([y[np.isfinite(y)] for y in ys]) if ys else np.array([1.0])
+    positive = bool((finite_all > 0).all())
+    top = float(np.max(np.abs(starts))) * (20 if positive else 3)
+    bottom = float(finite_all[finite_all > 0].min()) / 2 if positive and (finite_all > 0).any() else None
+    for i, (label, y) in enumerate(zip(curves, ys)):
         x = step[: len(y)] if len(y) <= len(step) else np.arange(1, len(y) + 1)
-        finite = np.isfinite(y)
-        positive &= bool((y[finite] > 0).all())
-        line = ax.plot(x, np.where(finite, y, np.nan), lw=1.1, label=label, color=f"C{i}" if i else "#2ca02c")[0]
-        if (~finite).any():  # where the loss became NaN/Inf: a cross at the last finite value's height
-            first = int(np.argmax(~finite))
-            height = y[finite][-1] if finite[:first].any() else 1.0
-            ax.scatter([x[first]], [height], marker="X", s=50, color=line.get_color(), zorder=4)
-            ax.annotate("non-finite", (x[first], height), textcoords="offset points", xytext=(4, 4), fontsize=7, color=line.get_color())
+        color = _CURVES[i % len(_CURVES)]
+        gone = ~np.isfinite(y) | (y > top)
+        ax.plot(x, np.where(gone, np.nan, y), lw=1.1, label=label, color=color)
+        if gone.any():  # where the run leaves the panel (blows up, or goes NaN/Inf)
+            first = int(np.argmax(gone))
+            nan_at = int(np.argmax(~np.isfinite(y))) if (~np.isfinite(y)).any() else None
+            text = f"{label}: off the scale at step {x[first]:g}" + (f", NaN/Inf from {x[nan_at]:g}" if nan_at is not None else "")
+            ax.scatter([x[first]], [top / 1.3], marker="^", s=40, color=color, zorder=4, clip_on=False)
+            ax.annotate(text, (x[first], top / 1.3), textcoords="offset points", xytext=(6, -3), fontsize=7, color=color, va="top")
     if positive:
         ax.set_yscale("log")
+    ax.set_ylim(bottom, top)
     ax.set_ylabel("loss")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="upper right", fontsize=7)
