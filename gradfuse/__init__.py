@@ -18,12 +18,11 @@ from .clip import (
 from . import histogram, plot, sinks
 from .history import NormHistory
 from .histogram import log2_histograms
-from .monitor import GradClipper, QuantileThreshold, ZScoreThreshold
+from .monitor import GradClipper, NonFiniteCounter, QuantileThreshold, ZScoreThreshold
 from .report import GradientReport, inspect_gradients
 from .sinks import CSVSink, JSONLSink, TensorBoardSink, read_jsonl
 from .telemetry import Telemetry, TelemetryRecord
 from .training import (
-    NonFiniteCounter,
     OptimizerClipper,
     clip_grad_norm_for_optimizer_,
     handoff_unsupported_reason,

@@ -13,8 +13,6 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from .ops import is_compiling
-
 
 def as_list(parameters, fn: str, *, warn_empty_generator: bool = False) -> list:
     """torch's input forms: one tensor, or any iterable (listed once, so generators work)."""
@@ -42,7 +40,7 @@ DTYPE = operator.attrgetter("dtype")
 def grads_of(parameters: list, fn: str) -> list[torch.Tensor]:
     """The gradients to clip: ``p.grad`` of every parameter that has one. (Runs every step, so
     the items are checked to be tensors only when reading ``.grad`` fails.)"""
-    if is_compiling():  # dynamo traces comprehensions, not attrgetter
+    if torch.compiler.is_compiling():  # dynamo traces comprehensions, not attrgetter
         return [p.grad for p in parameters if p.grad is not None]
     try:
         return [g for g in map(_GRAD, parameters) if g is not None]
@@ -111,7 +109,7 @@ def check_grads(grads: list[torch.Tensor], p: float, foreach: bool | None, fn: s
     """Dtypes a norm exists for, and torch's errors for norms of empty tensors that have no identity.
     Returns the gradients' dtypes (the engine reuses them)."""
     try:
-        dtypes = tuple(g.dtype for g in grads) if is_compiling() else tuple(map(DTYPE, grads))
+        dtypes = tuple(g.dtype for g in grads) if torch.compiler.is_compiling() else tuple(map(DTYPE, grads))
     except AttributeError:  # an object whose .grad is not a tensor
         raise _not_a_tensor(grads, fn, "gradient {}") from None
     for dtype in set(dtypes):

@@ -1,7 +1,10 @@
 """Taming exploding gradients: adaptive clip thresholds and per-layer norm telemetry, on the device.
 
 Everything here updates device tensors with torch ops and never reads them back, so a training step
-stays free of host syncs; ``GradClipper.stats()`` is the one place that reads (call it when you log).
+stays free of host syncs; ``GradClipper.stats()`` and ``NonFiniteCounter.as_dict()`` are the places
+that read (call them when you log).
+
+``NonFiniteCounter`` counts steps, non-finite steps and clipped steps from each ClipResult.
 
 Thresholds (each gives ``max_norm`` as a device tensor, which the kernels read on the device):
 
@@ -26,7 +29,76 @@ from ._backends import requested_backend
 from ._engine import ClipResult
 from ._tracking import named_parameters
 from .clip import clip_grads
-from .training import NonFiniteCounter
+
+
+class NonFiniteCounter:
+    """Counts clip steps, non-finite steps and clipped steps on the device, with no host sync.
+
+    ``update(result)`` after each clip adds to int64 device tensors (created on the device of the
+    first result, or of ``device``): ``steps``, ``nonfinite_steps`` (found_inf set), ``clipped_steps``
+    (finite and coefficient below 1), ``consecutive_nonfinite`` (reset by a finite step). Read them
+    with :meth:`as_dict` (one host sync) or keep them on the device (e.g. to halt after N
+    consecutive overflows with ``torch._assert_async``). ``state_dict``/``load_state_dict`` for
+    checkpoints.
+    """
+
+    #: the counts, in the order of ``counts``.
+    FIELDS = ("steps", "nonfinite_steps", "clipped_steps", "consecutive_nonfinite")
+
+    def __init__(self, device: torch.device | str | None = None):
+        self.counts: torch.Tensor | None = None
+        if device is not None:
+            self.counts = torch.zeros(len(self.FIELDS), dtype=torch.int64, device=device)
+
+    def _on(self, device: torch.device) -> torch.Tensor:
+        if self.counts is None:
+            self.counts = torch.zeros(len(self.FIELDS), dtype=torch.int64, device=device)
+        elif self.counts.device != device:
+            self.counts = self.counts.to(device)
+        return self.counts
+
+    @torch.no_grad()
+    def update(self, result: ClipResult | None) -> None:
+        """Count one clip (None, a clip with no gradients, counts nothing)."""
+        if result is None:
+            return
+        found = result.found_inf.detach().reshape(()).ne(0).to(torch.int64)
+        clipped = result.clip_coef.detach().reshape(()).lt(1).to(torch.int64) * (1 - found)
+        counts = self._on(found.device)
+        counts.add_(torch.stack((torch.ones_like(found), found, clipped, found)))
+        counts[3].mul_(found)  # consecutive: (n + 1) * found
+
+    def __getattr__(self, name):
+        if name in NonFiniteCounter.FIELDS:
+            counts = self.__dict__.get("counts")
+            if counts is None:
+                return torch.zeros((), dtype=torch.int64)
+            return counts[NonFiniteCounter.FIELDS.index(name)]
+        raise AttributeError(name)
+
+    def as_dict(self) -> dict[str, int]:
+        """The counts as Python ints (one host sync)."""
+        values = [0] * len(self.FIELDS) if self.counts is None else self.counts.tolist()
+        return dict(zip(self.FIELDS, values))
+
+    def reset(self) -> None:
+        if self.counts is not None:
+            self.counts.zero_()
+
+    def state_dict(self) -> dict:
+        return {"counts": None if self.counts is None else self.counts.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        counts = state["counts"]
+        if counts is None:
+            self.counts = None
+        elif self.counts is None:
+            self.counts = counts.clone()
+        else:
+            self.counts.copy_(counts)
+
+    def __repr__(self) -> str:
+        return f"NonFiniteCounter(counts={self.counts})"
 
 
 def _real(owner: str, name: str, value, *, low: float, high: float = math.inf, low_open: bool = True, high_open: bool = False) -> float:
@@ -211,9 +283,10 @@ class GradClipper:
         values = torch.cat(
             [self.counter.counts.double(), self._totals, self._layer_last.double(), self._layer_max.double()]
         ).tolist()  # one read for everything
-        counts = dict(zip(NonFiniteCounter._FIELDS, map(int, values[:4])))
-        last, largest = values[4:6]
-        last_layers, max_layers = values[6 : 6 + n], values[6 + n :]
+        k = len(NonFiniteCounter.FIELDS)
+        counts = dict(zip(NonFiniteCounter.FIELDS, map(int, values[:k])))
+        last, largest = values[k : k + 2]
+        last_layers, max_layers = values[k + 2 : k + 2 + n], values[k + 2 + n :]
         order = sorted(range(n), key=lambda i: -last_layers[i] if math.isfinite(last_layers[i]) else -math.inf)
         steps = counts["steps"]
         return {

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 import torch.nn.utils as tnu
-from conftest import CPU_BACKENDS, assert_unchanged, params_from, snapshot
+from helpers import CPU_BACKENDS, assert_unchanged, params_from, snapshot
 
 import gradfuse
 from gradfuse import _backends
