@@ -77,27 +77,32 @@ def _series(source) -> _Series:
 
 def _norm_panel(ax, s: _Series) -> None:
     finite = np.isfinite(s.norm) & (s.norm > 0)
-    ceiling = float(np.nanmax(np.where(finite, s.norm, np.nan))) * 3 if finite.any() else 10.0
-    floor = float(np.nanmin(np.where(finite, s.norm, np.nan))) / 3 if finite.any() else 0.1
+    shown = [s.norm[finite], s.threshold[np.isfinite(s.threshold) & (s.threshold > 0)]]
+    if s.band is not None:
+        shown.append(s.band[0][np.isfinite(s.band[0]) & (s.band[0] > 0)])
+    shown = np.concatenate(shown)
+    ceiling = float(shown.max()) * 10 if shown.size else 10.0
+    floor = float(shown.min()) / 3 if shown.size else 0.1
     if s.band is not None:
         ax.fill_between(s.step, np.clip(s.band[0], floor, None), s.band[1], color=_NORM, alpha=0.15, lw=0, label="interval mean..max")
     ax.plot(s.step, np.where(finite, s.norm, np.nan), color=_NORM, lw=1.1, label="total norm" + ("" if s.per_step else " (interval max)"))
     if np.isfinite(s.threshold).any():
         ax.step(s.step, np.where(np.isfinite(s.threshold), s.threshold, np.nan), where="post", color=_THRESHOLD, ls="--", lw=1.0, label="clip threshold")
+    top = ceiling / 3  # where the steps without a finite norm are marked
     for mask, color, marker, label in ((s.clipped, _CLIP, "o", "clipped"), (s.skipped, _SKIP, "x", "skipped")):
-        m = mask & finite
-        if m.any():
-            ax.scatter(s.step[m], s.norm[m], s=14 if s.per_step else 22, color=color, marker=marker, zorder=3, label=f"{label} ({int(mask.sum())})")
+        if mask.any():
+            y = np.where(finite, s.norm, top)[mask]
+            ax.scatter(s.step[mask], y, s=14 if s.per_step else 22, color=color, marker=marker, zorder=5, label=f"{label} ({int(mask.sum())})")
     if s.nonfinite.any():
         for x in s.step[s.nonfinite]:
             ax.axvline(x, color=_NAN, alpha=0.35, lw=1.0)
-        ax.scatter(s.step[s.nonfinite], np.full(int(s.nonfinite.sum()), ceiling / 1.5), marker="v", color=_NAN, s=30, zorder=4,
+        ax.scatter(s.step[s.nonfinite], np.full(int(s.nonfinite.sum()), top), marker="v", color=_NAN, s=30, zorder=4,
                    label=f"NaN/Inf ({int(s.nonfinite.sum())})")  # fmt: skip
     ax.set_yscale("log")
     ax.set_ylim(floor, ceiling)
     ax.set_ylabel("gradient norm")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(loc="upper left", fontsize=7, ncol=3, framealpha=0.85)
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), fontsize=7, ncol=6, frameon=False, borderaxespad=0.2)
 
 
 _CURVES = ("#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf", "#7f7f7f")
@@ -144,8 +149,7 @@ def _heatmap_panel(fig, ax, s: _Series, max_layers: int) -> None:
     values = norms.T  # [layers, points]
     finite = np.isfinite(values) & (values > 0)
     logs = np.where(finite, np.log10(np.where(finite, values, 1.0)), np.nan)
-    cmap = mpl.colormaps["viridis"].copy()
-    cmap.set_bad("#d9d9d9")  # no gradient (and exact zeros)
+    cmap = mpl.colormaps["viridis"].with_extremes(bad="#d9d9d9")  # grey: no gradient (or an exact zero)
     edges = np.concatenate([s.step - 0.5, [s.step[-1] + 0.5]]) if s.per_step else _interval_edges(s.step)
     image = ax.pcolormesh(edges, np.arange(len(names) + 1), np.ma.masked_invalid(logs), cmap=cmap, shading="flat")
     bad = ~np.isfinite(values)
@@ -168,7 +172,7 @@ def _interval_edges(step: np.ndarray) -> np.ndarray:
 
 def draw(source, fig, *, loss=None, title: str | None = None, max_layers: int = 40) -> None:
     """Draw the dashboard of ``source`` into ``fig`` (a matplotlib Figure or SubFigure)."""
-    s = _series(source)
+    s = source if isinstance(source, _Series) else _series(source)
     curves = loss if isinstance(loss, dict) else ({"loss": loss} if loss is not None else {})
     if not curves and np.isfinite(s.loss).any():
         curves = {"loss": s.loss}
@@ -195,9 +199,11 @@ def dashboard(source, path: str | os.PathLike | None = None, *, loss=None, title
         from matplotlib.figure import Figure
     except ImportError as e:
         raise ImportError("gradfuse.plot needs matplotlib: pip install 'gradfuse[plot]'") from e
-    n_layers = min(len(getattr(source, "layer_names", [])) or max_layers, max_layers)
-    fig = Figure(figsize=(width, 5.0 + (1.5 if loss is not None else 0) + 0.16 * n_layers), layout="constrained")
-    draw(source, fig, loss=loss, title=title, max_layers=max_layers)
+    s = _series(source)
+    n_layers = min(len(s.layer_names), max_layers)
+    has_loss = loss is not None or np.isfinite(s.loss).any()
+    fig = Figure(figsize=(width, 4.0 + (1.8 if has_loss else 0) + (1.0 + 0.2 * n_layers if n_layers else 0)), layout="constrained")
+    draw(s, fig, loss=loss, title=title, max_layers=max_layers)
     if path is not None:
         fig.savefig(path, dpi=130)
     return fig

@@ -9,6 +9,7 @@ scaled) gives each gradient's norm, max |x| and NaN/Inf counts, and one host rea
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -107,9 +108,10 @@ def inspect_gradients(named_parameters, threshold: float = 10.0, norm_type: floa
     """
     fn = "inspect_gradients"
     layers = Layers(named_parameters, fn)
-    threshold = v.check_max_norm(threshold, fn)
-    if isinstance(threshold, torch.Tensor):
-        raise TypeError(f"{fn}: threshold must be a number, not a tensor")
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"{fn}: threshold must be a number, not {type(threshold).__name__}")
+    if not float(threshold) >= 0:
+        raise ValueError(f"{fn}: threshold must be >= 0, got {threshold}")
     p = v.check_norm_type(norm_type, fn)
     present = layers.with_grad()
     stats: list[float] = []

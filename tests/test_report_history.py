@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close_rel, snapshot, assert_unchanged
+from helpers import assert_close_rel, assert_unchanged, snapshot
 
 import gradfuse
 from benchmarks.monitoring import HostReads
