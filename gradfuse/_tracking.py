@@ -129,10 +129,6 @@ def write_step(row: torch.Tensor, result: ClipResult, max_norm, skipped, loss) -
     _put(row[LOSS], loss, math.nan)
 
 
-def finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
 def json_float(x: float | None):
     """A float JSON can hold: non-finite values as the strings "nan", "inf", "-inf"."""
     if x is None or math.isfinite(x):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _tracking as tr
+from .history import NO_GRAD
 
 _NORM, _THRESHOLD, _CLIP, _SKIP, _NAN = "#1f4e79", "#444444", "#f28e2b", "#7b3294", "#d62728"
 
@@ -53,7 +53,7 @@ def _from_records(records: list[dict]) -> _Series:
         raise ValueError("gradfuse.plot: the log holds no interval with steps")
     names = list(records[0]["layer_norms"])
     col = lambda f: np.array([f(r) for r in records], dtype=np.float64)  # noqa: E731
-    layers = np.array([[tr.from_json_float(r["layer_norms"].get(n)) if r["layer_norms"].get(n) is not None else -1.0 for n in names] for r in records])
+    layers = np.array([[NO_GRAD if r["layer_norms"].get(n) is None else float(r["layer_norms"][n]) for n in names] for r in records])
     return _Series(
         step=col(lambda r: r["step"]), norm=col(lambda r: r["total_norm"]["max"]),
         band=(col(lambda r: r["total_norm"]["mean"]), col(lambda r: r["total_norm"]["max"])),

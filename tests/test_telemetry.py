@@ -304,3 +304,40 @@ def test_example_unclipped_diverges_and_clipped_converges(task, steps):
         assert run.final_loss < 0.7 * run.losses[0], (mode, run.losses[0], run.final_loss)
     assert 0.1 < runs["p95"].max_norm < 10.0  # the p95 of the calibration steps' norms
     assert "DIVERGED" in eg.table(list(runs.values()))
+
+
+# -- on a GPU -------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_cuda_monitoring_never_syncs_and_collect_copies_into_pinned_memory():
+    model = _model().cuda()
+    history = gradfuse.NormHistory(parameters=model, layers="all")
+    tel = gradfuse.Telemetry(model)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    for _ in range(2):  # plans, buffers, tables
+        r = gradfuse.clip_grads(model.parameters(), 1.0)
+        history.update(r, max_norm=1.0)
+        tel.update(r, max_norm=1.0, histograms=True)
+    tel.collect().record()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            r = gradfuse.clip_grads(model.parameters(), 1.0)
+            history.update(r, max_norm=1.0, skipped=r.found_inf)
+            tel.update(r, max_norm=1.0, histograms=True)
+            history.window(8)
+        record = tel.collect()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert record._host.is_pinned() and record._host.device.type == "cpu"
+    got = record.record()
+    assert got["steps"] == 3 and sum(sum(c) for c in got["histograms"]["layers"].values()) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.gpu
+def test_cuda_histograms_equal_the_cpu_ones():
+    grads = [g.cuda() for g in HIST_GRADS]
+    torch.testing.assert_close(gradfuse.log2_histograms(grads).cpu(), gradfuse.log2_histograms(HIST_GRADS), rtol=0, atol=0)
