@@ -224,3 +224,17 @@ def test_history_errors_name_the_problem():
         h.suggest_max_norm(1.5)
     with pytest.raises(ValueError, match="size"):
         h.window(1001)
+
+
+def test_the_host_read_counter_sees_item_and_bool_and_gpt2_shapes_are_gpt2s():
+    from benchmarks.monitoring import gpt2_124m_shapes
+
+    reads = HostReads()
+    x = torch.tensor([1.0, 2.0])
+    with reads.watching():
+        x.sum().item()
+        bool(x[0] > 0)
+        x.tolist()
+    assert {"Tensor.item", "Tensor.__bool__", "Tensor.tolist", "aten._local_scalar_dense"} <= set(reads.seen)
+    shapes = gpt2_124m_shapes()
+    assert len(shapes) == 148 and sum(math.prod(s) for _, s in shapes) == 124_439_808
