@@ -16,8 +16,14 @@ from .clip import (
     clip_grads_with_norm_,
     get_total_norm,
 )
+from . import histogram, plot, sinks
 from .distributed import DistributedClipResult
+from .history import NormHistory
+from .histogram import log2_histograms
 from .monitor import GradClipper, NonFiniteCounter, QuantileThreshold, ZScoreThreshold
+from .report import GradientReport, inspect_gradients
+from .sinks import CSVSink, JSONLSink, TensorBoardSink, read_jsonl
+from .telemetry import Telemetry, TelemetryRecord
 from .training import (
     OptimizerClipper,
     clip_grad_norm_for_optimizer_,
@@ -42,6 +48,19 @@ __all__ = [
     "patch_torch",
     "TorchPatch",
     "GradClipper",
+    "GradientReport",
+    "inspect_gradients",
+    "NormHistory",
+    "Telemetry",
+    "TelemetryRecord",
+    "log2_histograms",
+    "CSVSink",
+    "JSONLSink",
+    "TensorBoardSink",
+    "read_jsonl",
+    "histogram",
+    "plot",
+    "sinks",
     "QuantileThreshold",
     "ZScoreThreshold",
     "NonFiniteCounter",
