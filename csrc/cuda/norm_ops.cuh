@@ -6,6 +6,7 @@
 // (commutative, so both lanes of a shuffle-xor pair compute the same bits).
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -43,7 +44,7 @@ __device__ __forceinline__ float inf32() { return __int_as_float(0x7f800000); }
 __device__ __forceinline__ double inf64() { return __longlong_as_double(0x7ff0000000000000LL); }
 
 // True for +-Inf and NaN (a NaN compares false).
-__device__ __forceinline__ bool not_finite(float x) { return !(fabsf(x) <= 3.402823466e38f); }
+__device__ __forceinline__ bool not_finite(float x) { return !(fabsf(x) <= FLT_MAX); }
 
 // ---- ops of the block reductions -----------------------------------------------------------------
 

@@ -11,15 +11,14 @@
 //     small that the largest term is below 2^RESCAN_TERM_LOG2 -> the chunk is re-accumulated as
 //     sum (|x| 2^-e)^p in fp32, 2^e the power of two at max |x| (every scaled term <= 1), times
 //     2^(p e) in fp64. So the norm of every finite input is right to fp32 accuracy.
-//     NORM_P with p < 0, INF, NEG_INF, L0 are never re-read: max, min and counts are exact, and a
-//     negative power's fp32 overflow (|x|^p of a tiny |x|) gives torch's answer (norm 0).
+//     NORM_P with p < 0, INF, NEG_INF and L0 are not re-read for exactness: max, min and counts
+//     are exact, and a negative power's fp32 overflow (|x|^p of a tiny |x|) gives torch's answer
+//     (norm 0).
 //   chunk_partials[c] = P_c (fp64), chunk_max_abs[c], chunk_counts[2c], [2c + 1].
 //
 // Blocks need not be co-resident: the last block is found with a ticket, nobody waits. Launched
 // with min(C, SMs * kReduceBlocksPerSM) blocks (at least one: with no chunks it still writes the
 // outputs) of kReduceThreads.
-
-#include <cfloat>
 
 #include "chunk_walk.cuh"
 #include "finalize.cuh"
