@@ -1,8 +1,8 @@
 """Public API: drop-in replacements for ``torch.nn.utils``'s clipping functions, plus ``clip_grads``.
 
 Same names, signatures, defaults and return values as torch 2.13; gradfuse's own options are
-keyword-only and come after torch's. Each function validates, then calls ``gradfuse._engine``
-(or, under ``torch.compile``, the same engine through the ``gradfuse::clip_`` custom op).
+keyword-only and come after torch's. Each function validates, then calls ``gradfuse.ops`` (the
+engine, or under ``torch.compile`` the same engine through its custom op).
 """
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ import functools
 import torch
 from typing_extensions import deprecated
 
-from . import _abi, _engine, _reference, _validation as v, ops
-from ._backends import requested_backend
+from . import _abi, _reference, _validation as v, ops
 from ._engine import ClipResult
+
+# torch's own clamp pass, taken at import: gradfuse.patch_torch() replaces torch.nn.utils.clip_grad_value_
+# with gradfuse's, which calling it by name would then recurse into.
+_torch_clip_grad_value_ = torch.nn.utils.clip_grad.clip_grad_value_
 
 _POLICIES = {"propagate": _abi.POLICY_PROPAGATE, "skip": _abi.POLICY_SKIP, "zero": _abi.POLICY_ZERO, "error": _abi.POLICY_PROPAGATE}
 
@@ -25,18 +28,6 @@ def _no_grad(fn):
             return fn(*args, **kwargs)
 
     return functools.update_wrapper(wrapper, fn)
-
-
-def _run(grads, dtypes, max_norm, p, *, apply, backend, error_if_nonfinite, foreach, policy=_abi.POLICY_PROPAGATE, inv_scale=None) -> ClipResult:
-    name = requested_backend(backend)
-    if ops.is_compiling():
-        return ops.clip_compiled(
-            grads, max_norm, p, apply=apply, backend=name, error_if_nonfinite=error_if_nonfinite, policy=policy, inv_scale=inv_scale
-        )
-    return _engine.clip(
-        grads, max_norm, p, apply=apply, backend=name, error_if_nonfinite=error_if_nonfinite, foreach=foreach, policy=policy,
-        inv_scale=inv_scale, dtypes=dtypes,
-    )
 
 
 @_no_grad
@@ -53,7 +44,7 @@ def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = F
     if not tensors:
         return torch.tensor(0.0)
     dtypes = v.check_grads(tensors, p, foreach, fn)
-    r = _run(tensors, dtypes, 0.0, p, apply=False, backend=backend, error_if_nonfinite=error_if_nonfinite, foreach=foreach)
+    r = ops.clip(tensors, 0.0, p, apply=False, backend=backend, error_if_nonfinite=error_if_nonfinite, foreach=foreach, dtypes=dtypes)
     return r.torch_norm
 
 
@@ -73,11 +64,7 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
     v.check_grads(grads, 2.0, foreach, fn)
     acc = torch.float64 if total_norm.dtype == torch.float64 else torch.float32
     coef = _reference.clip_coefficient(total_norm.to(acc), max_norm)
-    name = requested_backend(backend)
-    if ops.is_compiling():
-        torch.ops.gradfuse.scale_(grads, coef.reshape(1).float(), False, name)
-    else:
-        _engine.scale_(grads, coef, backend=name, foreach=foreach)
+    ops.scale_(grads, coef, backend=backend, foreach=foreach)
 
 
 @_no_grad
@@ -123,7 +110,7 @@ def clip_grad_norm_(
     if not grads:
         return torch.tensor(0.0)
     dtypes = v.check_grads(grads, p, foreach, fn)
-    r = _run(grads, dtypes, max_norm, p, apply=True, backend=backend, error_if_nonfinite=error_if_nonfinite, foreach=foreach)
+    r = ops.clip(grads, max_norm, p, apply=True, backend=backend, error_if_nonfinite=error_if_nonfinite, foreach=foreach, dtypes=dtypes)
     return r.torch_norm
 
 
@@ -151,7 +138,7 @@ def clip_grad_value_(parameters, clip_value: float, foreach: bool | None = None)
     if not grads:
         raise RuntimeError("Expected !nested_tensorlist[0].empty() to be true, but got false.")
     v.check_grads(grads, 2.0, foreach, fn)
-    torch.nn.utils.clip_grad_value_(params, clip_value, foreach=foreach)
+    _torch_clip_grad_value_(params, clip_value, foreach=foreach)
 
 
 @_no_grad
@@ -183,7 +170,7 @@ def clip_grads(
     if not grads:
         return None
     dtypes = v.check_grads(grads, p, foreach, fn)
-    return _run(
-        grads, dtypes, max_norm, p, apply=apply, backend=backend, error_if_nonfinite=nonfinite == "error",
-        foreach=foreach, policy=_POLICIES[nonfinite], inv_scale=inv_scale,
+    return ops.clip(
+        grads, max_norm, p, apply=apply, backend=backend, error_if_nonfinite=nonfinite == "error", foreach=foreach,
+        policy=_POLICIES[nonfinite], inv_scale=inv_scale, dtypes=dtypes,
     )  # fmt: skip

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.utils as tnu
-from conftest import (
+from helpers import (
     BACKENDS_CPU,
     CPU_BACKENDS,
     FUSED_CPU_BACKENDS,
@@ -23,12 +23,13 @@ from conftest import (
     chunk_size,
     param_with_grad,
     params_from,
+    required_backend_errors,
     snapshot,
     twin_params,
 )
 
 import gradfuse
-from gradfuse import _abi, _backends, _engine, _plan
+from gradfuse import _abi, _backends, _engine, _plan, ops
 
 
 def randn(*shape, dtype=torch.float32, seed=0):
@@ -49,6 +50,17 @@ def test_auto_on_cpu_picks_cpu_when_built():
     assert res.backend == want
     # auto never picks the interpreted Triton kernels for CPU tensors
     assert _backends.choose("auto", torch.device("cpu")) is (_backends.FUSED_BACKENDS["cpu"] if want == "cpu" else None)
+
+
+def test_required_backends_check():
+    """GRADFUSE_TEST_REQUIRE's check: a backend that runs here on any device the tests run it on
+    passes; one that runs nowhere, or a name that is no backend, is an error with the reason."""
+    assert required_backend_errors(["torch", *BACKENDS_CPU]) == []
+    (bogus,) = required_backend_errors(["bogus"])
+    assert "'bogus' is not a backend" in bogus and "cpu" in bogus
+    if not torch.cuda.is_available():
+        (cuda,) = required_backend_errors(["cuda"])
+        assert cuda == "'cuda' cannot run here: on cuda tensors, no CUDA device"
 
 
 def test_cpu_module_built_when_a_compiler_is_present():
@@ -410,16 +422,22 @@ def test_opcheck_scale(backend, scale, zero):
 def test_clip_op_results(backend):
     grads = [randn(5, 3), randn(4, dtype=torch.float16)]
     before = [g.clone() for g in grads]
-    packed, norms, *_ = torch.ops.gradfuse.clip_(grads, 0.5, None, 2.0, True, _abi.POLICY_PROPAGATE, None, backend)
-    assert packed.shape == (4,) and packed.dtype == torch.float32
-    assert norms.shape == (2,) and norms.dtype == torch.float32
+    outputs = torch.ops.gradfuse.clip_(grads, 0.5, None, 2.0, True, _abi.POLICY_PROPAGATE, None, backend)
+    assert len(outputs) == len(ops.RESULT_FIELDS)
+    r = ops.unpack(outputs, grads, backend, 2.0)
+    for name, dtype, shape in ops.RESULT_FIELDS:  # every field as declared
+        field = getattr(r, name)
+        assert field.dtype == (dtype or torch.float32) and field.shape == tuple(len(grads) if n == ops.T else n for n in shape), name
     total = math.sqrt(sum(float(b.double().pow(2).sum()) for b in before))
-    assert_close_rel(float(packed[_abi.RESULT_TOTAL]), total, 1e-6)
-    assert float(packed[_abi.RESULT_FOUND_INF]) == 0.0
-    assert_close_rel(float(packed[_abi.RESULT_COEF]), 0.5 / (total + 1e-6), 1e-6)
+    assert_close_rel(float(r.total_norm), total, 1e-6)
+    assert float(r.found_inf) == 0.0
+    assert_close_rel(float(r.clip_coef), 0.5 / (total + 1e-6), 1e-6)
+    for got, b in zip(r.tensor_norms.tolist(), before):
+        assert_close_rel(got, float(b.double().norm()), 1e-6)
     assert_close_rel(float(grads[0].double().norm() ** 2 + grads[1].double().norm() ** 2) ** 0.5, 0.5, 2e-3)
-    packed64, *_ = torch.ops.gradfuse.clip_([randn(3, dtype=torch.float64)], 0.5, None, 2.0, False, 0, None, backend)
-    assert packed64.dtype == torch.float64
+    grads64 = [randn(3, dtype=torch.float64)]
+    r64 = ops.unpack(torch.ops.gradfuse.clip_(grads64, 0.5, None, 2.0, False, 0, None, backend), grads64, backend, 2.0)
+    assert r64.total_norm.dtype == r64.tensor_norms.dtype == torch.float64
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -18,7 +18,7 @@ import re
 import pytest
 import torch
 import torch.nn.utils as tnu
-from conftest import (
+from helpers import (
     GPU_BACKENDS,
     assert_close_rel,
     assert_scaled,
