@@ -73,6 +73,8 @@ struct Vec {
   static F as_float(I a) { return _mm512_castsi512_ps(a); }
   static I max_i(I a, I b) { return _mm512_max_epi32(a, b); }
   static I min_i(I a, I b) { return _mm512_min_epi32(a, b); }
+  // Per 32-bit lane, the larger of its two 16-bit halves (unsigned).
+  static I max_of_halves(I v) { return _mm512_max_epi32(_mm512_srli_epi32(v, 16), _mm512_and_si512(v, _mm512_set1_epi32(0xffff))); }
   // mx with the |x| bit patterns of the 32 16-bit elements at p folded in, lane-halves wise.
   static I max_abs_u16(I mx, const uint16_t* p) {
     const I w = _mm512_loadu_si512(p);

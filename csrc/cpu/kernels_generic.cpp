@@ -81,6 +81,11 @@ struct Vec {
     const I a_wins = a < b;
     return (a & a_wins) | (b & ~a_wins);
   }
+  // Per 32-bit lane, the larger of its two 16-bit halves (unsigned).
+  static I max_of_halves(I v) {
+    const I hi = (I)((U)v >> 16), lo = v & 0xffff;
+    return hi > lo ? hi : lo;
+  }
   // mx with the |x| bit patterns of the 8 16-bit elements at p folded in, lane-halves wise.
   static I max_abs_u16(I mx, const uint16_t* p) {
     typedef uint16_t H __attribute__((vector_size(16)));

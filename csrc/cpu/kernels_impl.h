@@ -7,7 +7,8 @@
 //
 // Vec provides, for W = Vec::kWidth fp32 lanes (F) and int32 lanes (I):
 //   zero, set1, set1_i, load_f32/_f16 (unaligned, to fp32), max_abs_u16 (|x| bit patterns of 2W
-//   16-bit words folded into an I register, two per lane), load_row_bf16 (a 64-element row in the
+//   16-bit words folded into an I register, two per lane), max_of_halves (the larger 16-bit half of
+//   each 32-bit lane), load_row_bf16 (a 64-element row in the
 //   lane order of load_row, its max_abs_u16 folded into an I register), store_f32/_f16 (from fp32, round to nearest even), scale_bf16 (2W bf16
 //   times s in place, round to nearest even), store (W floats), store_i (W int32s), add, mul,
 //   fmadd (a * b + c), abs_bits(v, 0x7fffffff mask) (|x| as an int32 bit pattern), as_float (bit
@@ -243,19 +244,11 @@ inline void add_block_fp64(const typename Storage<D>::T* x, int64_t r0, int64_t 
 template <int K>
 constexpr int32_t kTinyBits = static_cast<int32_t>(127 + static_cast<int>(RESCAN_TERM_LOG2 / (K == NORM_L2 ? 2 : 1))) << 23;
 
-// The largest of the 16-bit |x| patterns held in the lane halves of v, as an fp32 |x| pattern.
+// The largest of the 16-bit |x| patterns held in the lane halves of v, as an fp32 |x| pattern
+// (folded in the register first: a scalar walk over every half costs more than the block's reads).
 template <int64_t D>
 inline int32_t max_bits_of_halves(I v) {
-  int32_t lanes[kW];
-  Vec::store_i(lanes, v);
-  uint32_t m = 0;
-  for (int l = 0; l < kW; ++l) {
-    const uint32_t u = static_cast<uint32_t>(lanes[l]);
-    const uint32_t hi = u >> 16, lo = u & 0xffffu;
-    m = hi > m ? hi : m;
-    m = lo > m ? lo : m;
-  }
-  const uint16_t h = static_cast<uint16_t>(m);
+  const uint16_t h = static_cast<uint16_t>(hmax(Vec::max_of_halves(v)));
   return static_cast<int32_t>(bits_of(D == DTYPE_BF16 ? bf16_to_f32(h) : f16_to_f32(h)));  // NaN stays NaN
 }
 
