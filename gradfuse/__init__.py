@@ -7,6 +7,7 @@ coefficient on the device in one pass, and scale only when clipping is needed.
 
 from ._backends import BACKEND_NAMES, BackendUnavailableError, available_backends
 from ._engine import ClipResult
+from ._patch import TorchPatch, patch_torch
 from .clip import (
     clip_grad_norm,
     clip_grad_norm_,
@@ -36,6 +37,8 @@ __all__ = [
     "clip_grads",
     "clip_grads_with_norm_",
     "get_total_norm",
+    "patch_torch",
+    "TorchPatch",
     "GradClipper",
     "QuantileThreshold",
     "ZScoreThreshold",

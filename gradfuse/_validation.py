@@ -14,6 +14,16 @@ import numpy as np
 import torch
 
 
+class NotATensorError(TypeError, AttributeError):
+    """An item that must be a tensor is not. Also an AttributeError, the type torch raises there
+    (reading ``.grad`` or ``.device`` of it), so code written against torch still catches it."""
+
+
+class GradDtypeError(TypeError, RuntimeError):
+    """A gradient of a dtype no norm exists for (integer, bool). Also a RuntimeError, the type
+    torch's kernels raise for it."""
+
+
 def as_list(parameters, fn: str, *, warn_empty_generator: bool = False) -> list:
     """torch's input forms: one tensor, or any iterable (listed once, so generators work)."""
     if isinstance(parameters, torch.Tensor):
@@ -27,10 +37,10 @@ def as_list(parameters, fn: str, *, warn_empty_generator: bool = False) -> list:
     return items
 
 
-def _not_a_tensor(items: list, fn: str, label: str = "parameters[{}]") -> TypeError:
+def _not_a_tensor(items: list, fn: str, label: str = "parameters[{}]") -> NotATensorError:
     """The error for the first item of ``items`` that is not a tensor (``label`` names it by index)."""
     i, item = next((i, x) for i, x in enumerate(items) if not isinstance(x, torch.Tensor))
-    return TypeError(f"{fn}: {label.format(i)} is of type {type(item).__name__}, not a torch.Tensor")
+    return NotATensorError(f"{fn}: {label.format(i)} is of type {type(item).__name__}, not a torch.Tensor")
 
 
 _GRAD = operator.attrgetter("grad")
@@ -53,7 +63,7 @@ def check_tensors(tensors: list, fn: str) -> list[torch.Tensor]:
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             hint = " (pass gradients, e.g. [p.grad for p in params if p.grad is not None])" if t is None else ""
-            raise TypeError(f"{fn}: tensors[{i}] is of type {type(t).__name__}, not a torch.Tensor{hint}")
+            raise NotATensorError(f"{fn}: tensors[{i}] is of type {type(t).__name__}, not a torch.Tensor{hint}")
     return tensors
 
 
@@ -62,7 +72,7 @@ def _as_float(value, name: str, fn: str) -> float:
         try:
             return float(value)  # torch accepts 'inf'
         except ValueError:
-            raise TypeError(f"{fn}: {name} must be a number, got the string {value!r}") from None
+            raise ValueError(f"{fn}: {name} must be a number, got the string {value!r}") from None  # torch's type
     if isinstance(value, np.ndarray):  # torch takes a 0-d array (np.array(1.0)) through float()
         if value.ndim != 0:
             raise TypeError(f"{fn}: {name} must be a number or a 0-d array, got an array of shape {list(value.shape)}")
@@ -115,7 +125,7 @@ def check_grads(grads: list[torch.Tensor], p: float, foreach: bool | None, fn: s
     for dtype in set(dtypes):
         if not (dtype.is_floating_point or dtype.is_complex):
             i = dtypes.index(dtype)
-            raise TypeError(f"{fn}: gradient {i} has dtype {dtype}; clipping needs floating-point or complex gradients")
+            raise GradDtypeError(f"{fn}: gradient {i} has dtype {dtype}; clipping needs floating-point or complex gradients")
     if p == math.inf or p < 0:
         for g in grads:
             if g.numel() == 0:

@@ -15,6 +15,10 @@ from typing_extensions import deprecated
 from . import _abi, _reference, _validation as v, ops
 from ._engine import ClipResult
 
+# torch's own clamp pass, taken at import: gradfuse.patch_torch() replaces torch.nn.utils.clip_grad_value_
+# with gradfuse's, which calling it by name would then recurse into.
+_torch_clip_grad_value_ = torch.nn.utils.clip_grad.clip_grad_value_
+
 _POLICIES = {"propagate": _abi.POLICY_PROPAGATE, "skip": _abi.POLICY_SKIP, "zero": _abi.POLICY_ZERO, "error": _abi.POLICY_PROPAGATE}
 
 
@@ -134,7 +138,7 @@ def clip_grad_value_(parameters, clip_value: float, foreach: bool | None = None)
     if not grads:
         raise RuntimeError("Expected !nested_tensorlist[0].empty() to be true, but got false.")
     v.check_grads(grads, 2.0, foreach, fn)
-    torch.nn.utils.clip_grad_value_(params, clip_value, foreach=foreach)
+    _torch_clip_grad_value_(params, clip_value, foreach=foreach)
 
 
 @_no_grad

@@ -99,7 +99,7 @@ def test_grad_clipper_takes_plain_parameters_too():
         (([("w", 3)], 1.0), TypeError, r"parameters\[0\] is of type tuple"),
         ((None, 1.0), TypeError, "GradClipper: parameters must be"),
         (((), -1.0), ValueError, "GradClipper: max_norm must be >= 0"),
-        (((), 1.0, "two"), TypeError, "GradClipper: norm_type"),
+        (((), 1.0, "two"), ValueError, "GradClipper: norm_type"),
     ],
 )
 def test_grad_clipper_rejects_bad_arguments_at_construction(args, error, match):
