@@ -16,7 +16,12 @@ from .clip import (
     clip_grads_with_norm_,
     get_total_norm,
 )
+from .agc import AGC, adaptive_clip_grad_
+from .clipper import Clipper
+from .layerwise import clip_grad_norm_per_tensor_
 from .monitor import GradClipper, NonFiniteCounter, QuantileThreshold, ZScoreThreshold
+from .rollback import Rollback
+from .spike import SpikeRule
 from .training import (
     OptimizerClipper,
     clip_grad_norm_for_optimizer_,
@@ -39,6 +44,12 @@ __all__ = [
     "get_total_norm",
     "patch_torch",
     "TorchPatch",
+    "AGC",
+    "Clipper",
+    "Rollback",
+    "SpikeRule",
+    "adaptive_clip_grad_",
+    "clip_grad_norm_per_tensor_",
     "GradClipper",
     "QuantileThreshold",
     "ZScoreThreshold",

@@ -31,18 +31,21 @@ from .clip import clip_grads
 
 
 class NonFiniteCounter:
-    """Counts clip steps, non-finite steps and clipped steps on the device, with no host sync.
+    """Counts clip steps, non-finite steps, clipped steps and skipped steps on the device, with no host sync.
 
-    ``update(result)`` after each clip adds to int64 device tensors (created on the device of the
-    first result, or of ``device``): ``steps``, ``nonfinite_steps`` (found_inf set), ``clipped_steps``
-    (finite and coefficient below 1), ``consecutive_nonfinite`` (reset by a finite step). Read them
-    with :meth:`as_dict` (one host sync) or keep them on the device (e.g. to halt after N
+    ``update(result, spike=None, skipped=None)`` after each clip adds to int64 device tensors
+    (created on the device of the first result, or of ``device``): ``steps``, ``nonfinite_steps``
+    (found_inf set), ``clipped_steps`` (finite, not skipped, and a coefficient below 1),
+    ``consecutive_nonfinite`` (reset by a finite step), ``spike_steps`` (``spike`` set: skipped by
+    a spike rule), ``skipped_steps`` (``skipped`` set: the optimizer step did not happen) and
+    ``consecutive_bad`` (skipped or non-finite steps in a row, reset by a finite step taken). Read
+    them with :meth:`as_dict` (one host sync) or keep them on the device (e.g. to halt after N
     consecutive overflows with ``torch._assert_async``). ``state_dict``/``load_state_dict`` for
     checkpoints.
     """
 
     #: the counts, in the order of ``counts``.
-    FIELDS = ("steps", "nonfinite_steps", "clipped_steps", "consecutive_nonfinite")
+    FIELDS = ("steps", "nonfinite_steps", "clipped_steps", "consecutive_nonfinite", "spike_steps", "skipped_steps", "consecutive_bad")
 
     def __init__(self, device: torch.device | str | None = None):
         self.counts: torch.Tensor | None = None
@@ -57,15 +60,19 @@ class NonFiniteCounter:
         return self.counts
 
     @torch.no_grad()
-    def update(self, result: ClipResult | None) -> None:
-        """Count one clip (None, a clip with no gradients, counts nothing)."""
+    def update(self, result: ClipResult | None, *, spike: torch.Tensor | None = None, skipped: torch.Tensor | None = None) -> None:
+        """Count one clip (None, a clip with no gradients, counts nothing). ``spike``, ``skipped``:
+        device flags (nonzero: set) of this step, None when not set."""
         if result is None:
             return
         found = result.found_inf.detach().reshape(()).ne(0).to(torch.int64)
-        clipped = result.clip_coef.detach().reshape(()).lt(1).to(torch.int64) * (1 - found)
+        spike = torch.zeros_like(found) if spike is None else spike.detach().reshape(()).ne(0).to(torch.int64)
+        skipped = torch.zeros_like(found) if skipped is None else skipped.detach().reshape(()).ne(0).to(torch.int64)
+        clipped = result.clip_coef.detach().reshape(()).lt(1).to(torch.int64) * (1 - found) * (1 - skipped)
+        bad = torch.maximum(found, skipped)
         counts = self._on(found.device)
-        counts.add_(torch.stack((torch.ones_like(found), found, clipped, found)))
-        counts[3].mul_(found)  # consecutive: (n + 1) * found
+        counts.add_(torch.stack((torch.ones_like(found), found, clipped, found, spike, skipped, bad)))
+        counts.mul_(torch.stack((torch.ones_like(found),) * 3 + (found,) + (torch.ones_like(found),) * 2 + (bad,)))  # consecutive: (n + 1) * flag
 
     def __getattr__(self, name):
         if name in NonFiniteCounter.FIELDS:
@@ -120,7 +127,9 @@ def _count(owner: str, name: str, value) -> int:
 
 
 class ZScoreThreshold:
-    """ZClip: threshold = mu + z_thresh * sigma from an EMA (alpha) of the total norm."""
+    """ZClip: threshold = mu + z_thresh * sigma from an EMA (alpha) of the norm. ``update`` takes a
+    scalar (the total norm) or a vector (per-tensor or per-group norms, each with its own EMA, for
+    layer-wise clipping); ``threshold`` then has the same shape."""
 
     def __init__(self, max_norm: float = 1.0, alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25):
         owner = "ZScoreThreshold"
@@ -135,15 +144,15 @@ class ZScoreThreshold:
         self._warmup_sq: torch.Tensor | None = None
 
     def threshold(self, device: torch.device) -> torch.Tensor:
-        """max_norm for this step, as a float32 device scalar."""
+        """max_norm for this step, as a float32 device tensor (a scalar until the first update)."""
         cap = torch.full((), self.max_norm, dtype=torch.float32, device=device)
         if self.steps < self.warmup_steps or self.mean is None:
             return cap
         return torch.minimum(self.mean + self.z_thresh * self.var.clamp_min(0).sqrt(), cap)
 
     def update(self, total_norm: torch.Tensor) -> None:
-        """Fold this step's (finite) norm into the statistics; non-finite norms are ignored."""
-        n = total_norm.detach().float().reshape(())
+        """Fold this step's (finite) norms into the statistics; non-finite norms are ignored."""
+        n = total_norm.detach().float()
         finite = torch.isfinite(n)
         n = torch.where(finite, n, torch.zeros_like(n))
         if self.steps < self.warmup_steps:
@@ -172,7 +181,8 @@ class ZScoreThreshold:
 
 
 class QuantileThreshold:
-    """AutoClip: threshold = the ``quantile`` of the last ``history`` total norms (capped by max_norm)."""
+    """AutoClip: threshold = the ``quantile`` of the last ``history`` norms (capped by max_norm); a
+    scalar (total norm) or one per entry of the vectors ``update`` is given (layer-wise clipping)."""
 
     def __init__(self, max_norm: float = math.inf, quantile: float = 0.9, history: int = 1000, warmup_steps: int = 10):
         owner = "QuantileThreshold"
@@ -188,12 +198,12 @@ class QuantileThreshold:
         filled = min(self.steps, self.history)
         if self.steps < self.warmup_steps or self.norms is None:
             return cap
-        return torch.minimum(torch.quantile(self.norms[:filled], self.quantile), cap)
+        return torch.minimum(torch.quantile(self.norms[:filled], self.quantile, dim=0), cap)
 
     def update(self, total_norm: torch.Tensor) -> None:
-        n = total_norm.detach().float().reshape(())
+        n = total_norm.detach().float()
         if self.norms is None:
-            self.norms = torch.zeros(self.history, dtype=torch.float32, device=n.device)
+            self.norms = torch.zeros((self.history, *n.shape), dtype=torch.float32, device=n.device)
         slot = self.steps % self.history
         previous = self.norms[slot]
         # A non-finite norm keeps the slot's old value out of the history (no sync to branch on it).
