@@ -16,12 +16,18 @@ from .clip import (
     clip_grads_with_norm_,
     get_total_norm,
 )
+from . import histogram, plot, sinks
 from .agc import AGC, adaptive_clip_grad_
 from .clipper import Clipper
+from .history import NormHistory
+from .histogram import log2_histograms
 from .layerwise import clip_grad_norm_per_tensor_
 from .monitor import GradClipper, NonFiniteCounter, QuantileThreshold, ZScoreThreshold
+from .report import GradientReport, inspect_gradients
 from .rollback import Rollback
+from .sinks import CSVSink, JSONLSink, TensorBoardSink, read_jsonl
 from .spike import SpikeRule
+from .telemetry import Telemetry, TelemetryRecord
 from .training import (
     OptimizerClipper,
     clip_grad_norm_for_optimizer_,
@@ -51,6 +57,19 @@ __all__ = [
     "adaptive_clip_grad_",
     "clip_grad_norm_per_tensor_",
     "GradClipper",
+    "GradientReport",
+    "inspect_gradients",
+    "NormHistory",
+    "Telemetry",
+    "TelemetryRecord",
+    "log2_histograms",
+    "CSVSink",
+    "JSONLSink",
+    "TensorBoardSink",
+    "read_jsonl",
+    "histogram",
+    "plot",
+    "sinks",
     "QuantileThreshold",
     "ZScoreThreshold",
     "NonFiniteCounter",

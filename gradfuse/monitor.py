@@ -27,6 +27,7 @@ import torch
 from . import _validation as v
 from ._backends import requested_backend
 from ._engine import ClipResult
+from ._tracking import named_parameters
 from .clip import clip_grads
 
 
@@ -218,23 +219,6 @@ class QuantileThreshold:
             setattr(self, k, val)
 
 
-def _named(parameters) -> list[tuple[str, torch.Tensor]]:
-    """(name, parameter) pairs from named_parameters(), or from plain parameters named param<i>."""
-    items = v.as_list(parameters, "GradClipper")
-    named = []
-    for i, item in enumerate(items):
-        if isinstance(item, torch.Tensor):
-            named.append((f"param{i}", item))
-        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], torch.Tensor):
-            named.append(item)
-        else:
-            raise TypeError(
-                f"GradClipper: parameters[{i}] is of type {type(item).__name__}; pass model.named_parameters() "
-                "((name, parameter) pairs) or model.parameters()"
-            )
-    return named
-
-
 class GradClipper:
     """Clip a model's gradients each step and keep per-layer statistics on the device.
 
@@ -243,12 +227,16 @@ class GradClipper:
     ``max_norm``: a number or a threshold object (``ZScoreThreshold``, ``QuantileThreshold``).
     ``step()`` clips (``gradfuse.clip_grads``) and updates running statistics without a host sync:
     the step counts of a :class:`NonFiniteCounter` (``counter``), the last and the largest total
-    norm, and each layer's last and largest norm. ``stats()`` reads them back (one sync).
+    norm, and each layer's last and largest norm (NaN once the layer held a NaN). ``stats()`` reads
+    them back (one sync). ``history`` (:class:`gradfuse.NormHistory`) and ``telemetry``
+    (:class:`gradfuse.Telemetry`), when given, are fed every step with the threshold used and, for
+    ``nonfinite="skip"``, whether the step was skipped.
     """
 
-    def __init__(self, parameters, max_norm=1.0, norm_type: float = 2.0, *, nonfinite: str = "propagate", backend: str | None = None):
+    def __init__(self, parameters, max_norm=1.0, norm_type: float = 2.0, *, nonfinite: str = "propagate", backend: str | None = None,
+                 history=None, telemetry=None):  # fmt: skip
         fn = "GradClipper"
-        self.named = _named(parameters)
+        self.named = named_parameters(parameters, fn)
         self.names = [name for name, _ in self.named]
         self.threshold = max_norm if hasattr(max_norm, "threshold") else None
         self.max_norm = None if self.threshold is not None else v.check_max_norm(max_norm, fn)
@@ -256,6 +244,7 @@ class GradClipper:
         self.nonfinite = v.check_nonfinite(nonfinite, fn)
         self.backend = requested_backend(backend) if backend is not None else None
         self.counter = NonFiniteCounter()
+        self.history, self.telemetry = history, telemetry
         self._totals: torch.Tensor | None = None  # [last total norm, largest total norm]
         self._layer_last: torch.Tensor | None = None
         self._layer_max: torch.Tensor | None = None
@@ -272,6 +261,10 @@ class GradClipper:
         if self.threshold is not None:
             self.threshold.update(result.total_norm)
         self._record(result, with_grad, device)
+        skipped = result.found_inf if self.nonfinite == "skip" else None
+        for sink in (self.history, self.telemetry):
+            if sink is not None:
+                sink.update(result, max_norm=max_norm, skipped=skipped)
         return result
 
     @torch.no_grad()
@@ -289,7 +282,8 @@ class GradClipper:
         idx = self._index[1]
         norms = r.tensor_norms.to(device, torch.float32)
         self._layer_last.index_copy_(0, idx, norms)
-        self._layer_max.index_copy_(0, idx, torch.fmax(self._layer_max.index_select(0, idx), norms))
+        # torch.maximum, not fmax: a layer that held a NaN must show it, not hide behind its old max.
+        self._layer_max.index_copy_(0, idx, torch.maximum(self._layer_max.index_select(0, idx), norms))
 
     def stats(self, top_k: int = 5) -> dict:
         """Host copy of the statistics (one sync): counts, clip rate, norms, the top-k layers."""
