@@ -86,9 +86,9 @@ def select(named: list[tuple[str, torch.Tensor]], exclude: tuple[str, ...]) -> U
 @functools.lru_cache(maxsize=64)
 def _layout(grad_rows: tuple[int, ...], clipped: tuple[bool, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(the gradient of each entry, the entries of the clipped units), as device indices built once."""
-    rows = torch.tensor(grad_rows, device=device)
-    owner = torch.repeat_interleave(torch.arange(len(grad_rows), device=device), rows)
-    return owner, torch.nonzero(torch.tensor(clipped, device=device)[owner]).reshape(-1)
+    owner = [i for i, r in enumerate(grad_rows) for _ in range(r)]  # on the host: no data-dependent shapes to trace
+    units_at = [k for k, i in enumerate(owner) if clipped[i]]
+    return torch.tensor(owner, dtype=torch.int64, device=device), torch.tensor(units_at, dtype=torch.int64, device=device)
 
 
 def per_gradient(r: ClipResult, grad_rows: tuple[int, ...]) -> ClipResult:

@@ -119,6 +119,7 @@ class Clipper:
         self._skip_batches = 0
         self._gate: torch.Tensor | None = None  # the skip flag step() reads when only the host can skip
         self._overflow: torch.Tensor | None = None  # under a GradScaler with a spike rule: found_inf alone
+        self._to_record = None  # what clip() measured, for the threshold and the statistics
         self._watch = LaggedRead() if max_bad_steps is not None else None
         self._snapshots = Snapshots(parameters if isinstance(parameters, torch.nn.Module) else opt_params, optimizer, rollback.keep) if rollback else None
         self._last_bad = 0  # the consecutive bad steps the host last saw
@@ -172,7 +173,7 @@ class Clipper:
         :class:`~gradfuse.ClipResult` (per gradient), or None when no parameter has a gradient."""
         fn = "Clipper.clip"
         opt, params = self.optimizer, self.params
-        self._gate = self._overflow = None
+        self._gate = self._overflow = self._to_record = None
         scaler = self.scaler if _amp.enabled(self.scaler) else None
         grads = v.grads_of(params, fn)
         inv_scale = _amp.begin_unscale(scaler, opt, params, fn) if scaler is not None and grads else None
@@ -203,13 +204,19 @@ class Clipper:
             self._overflow = found if spike is not None else None
         elif not handoff:
             self._gate = gate
-        if self.threshold is not None:
-            self.threshold.update(statistic)
-        self._record(r, bound, gate, spike, loss)
+        self.counter.update(r, spike=spike, skipped=gate)
+        self._to_record = (r, bound, gate, loss, statistic)
         return r
 
-    def _record(self, r: ClipResult, bound, gate, spike, loss) -> None:
-        self.counter.update(r, spike=spike, skipped=gate)
+    def _record(self) -> None:
+        """Feed the step's norms to the threshold and the statistics (after the step, eagerly:
+        their host-side step counts must not be traced into a compiled clip)."""
+        if self._to_record is None:
+            return
+        r, bound, gate, loss, statistic = self._to_record
+        self._to_record = None
+        if self.threshold is not None:
+            self.threshold.update(statistic)
         scalar_bound = bound if not isinstance(bound, torch.Tensor) or bound.dim() == 0 else None
         for sink in (self.history, self.telemetry):
             if sink is not None:
@@ -229,6 +236,7 @@ class Clipper:
         else:
             out = _steps.gated_step(self.optimizer, self._gate, *args, **kwargs)
         self._gate = self._overflow = None
+        self._record()
         self.steps += 1
         self._watch_for_explosion()
         if self._snapshots is not None and self.steps % self.rollback.every == 0 and self._last_bad == 0:

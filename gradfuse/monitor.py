@@ -130,7 +130,8 @@ def _count(owner: str, name: str, value) -> int:
 class ZScoreThreshold:
     """ZClip: threshold = mu + z_thresh * sigma from an EMA (alpha) of the norm. ``update`` takes a
     scalar (the total norm) or a vector (per-tensor or per-group norms, each with its own EMA, for
-    layer-wise clipping); ``threshold`` then has the same shape."""
+    layer-wise clipping); ``threshold`` then has the same shape. The state, the step count included,
+    lives on the device (no host read, and nothing a compiled step must guard on)."""
 
     def __init__(self, max_norm: float = 1.0, alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25):
         owner = "ZScoreThreshold"
@@ -138,43 +139,47 @@ class ZScoreThreshold:
         self.alpha = _real(owner, "alpha", alpha, low=0.0, high=1.0, high_open=True)
         self.z_thresh = _real(owner, "z_thresh", z_thresh, low=0.0, high_open=True)
         self.warmup_steps = _count(owner, "warmup_steps", warmup_steps)
-        self.steps = 0
+        self.steps: torch.Tensor | None = None  # int64 device scalar: updates so far
         self.mean: torch.Tensor | None = None
         self.var: torch.Tensor | None = None
-        self._warmup_sum: torch.Tensor | None = None
-        self._warmup_sq: torch.Tensor | None = None
+        self._warmup_sum: torch.Tensor | None = None  # [sum, sum of squares, count] of the finite warm-up norms
+        self._warmup: torch.Tensor | None = None
 
     def threshold(self, device: torch.device) -> torch.Tensor:
         """max_norm for this step, as a float32 device tensor (a scalar until the first update)."""
         cap = torch.full((), self.max_norm, dtype=torch.float32, device=device)
-        if self.steps < self.warmup_steps or self.mean is None:
+        if self.steps is None:
             return cap
-        return torch.minimum(self.mean + self.z_thresh * self.var.clamp_min(0).sqrt(), cap)
+        adaptive = torch.minimum(self.mean + self.z_thresh * self.var.clamp_min(0).sqrt(), cap)
+        return torch.where(self.steps >= self.warmup_steps, adaptive, cap)
 
+    @torch.no_grad()
     def update(self, total_norm: torch.Tensor) -> None:
         """Fold this step's (finite) norms into the statistics; non-finite norms are ignored."""
         n = total_norm.detach().float()
+        if self.steps is None:
+            self.steps = torch.zeros((), dtype=torch.int64, device=n.device)
+            self.mean, self.var = torch.zeros_like(n), torch.zeros_like(n)
+            self._warmup = torch.zeros((3, *n.shape), dtype=torch.float32, device=n.device)
         finite = torch.isfinite(n)
-        n = torch.where(finite, n, torch.zeros_like(n))
-        if self.steps < self.warmup_steps:
-            w = finite.float()
-            self._warmup_sum = n * w if self._warmup_sum is None else self._warmup_sum + n * w
-            self._warmup_sq = n * n * w if self._warmup_sq is None else self._warmup_sq + n * n * w
-            self.steps += 1
-            if self.steps == self.warmup_steps:
-                self.mean = self._warmup_sum / self.warmup_steps
-                self.var = self._warmup_sq / self.warmup_steps - self.mean * self.mean
-            return
-        # Clipped norms enter the EMA at the threshold, so one spike does not drag the mean up.
-        n = torch.minimum(n, self.threshold(n.device))
-        new_mean = self.alpha * self.mean + (1 - self.alpha) * n
-        new_var = self.alpha * self.var + (1 - self.alpha) * (n - self.mean) ** 2
-        self.mean = torch.where(finite, new_mean, self.mean)
-        self.var = torch.where(finite, new_var, self.var)
-        self.steps += 1
+        n = torch.where(finite, n, 0.0)
+        # After warm-up: the EMA, with a clipped norm entering at the threshold (one spike does not drag the mean up).
+        clipped = torch.minimum(n, self.threshold(n.device))
+        after = finite & (self.steps >= self.warmup_steps)
+        mean = torch.where(after, self.alpha * self.mean + (1 - self.alpha) * clipped, self.mean)
+        var = torch.where(after, self.alpha * self.var + (1 - self.alpha) * (clipped - self.mean) ** 2, self.var)
+        # During warm-up: sums of the finite norms; their mean and variance start the EMA.
+        during = (finite & (self.steps < self.warmup_steps)).float()
+        self._warmup.add_(torch.stack((n * during, n * n * during, during)))
+        self.steps.add_(1)
+        count = self._warmup[2].clamp(min=1)
+        start = self.steps == self.warmup_steps
+        warm_mean = self._warmup[0] / count
+        self.mean = torch.where(start, warm_mean, mean)
+        self.var = torch.where(start, self._warmup[1] / count - warm_mean * warm_mean, var)
 
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("max_norm", "alpha", "z_thresh", "warmup_steps", "steps", "mean", "var", "_warmup_sum", "_warmup_sq")}
+        return {k: getattr(self, k) for k in ("max_norm", "alpha", "z_thresh", "warmup_steps", "steps", "mean", "var", "_warmup")}
 
     def load_state_dict(self, state: dict) -> None:
         for k, val in state.items():
@@ -183,7 +188,8 @@ class ZScoreThreshold:
 
 class QuantileThreshold:
     """AutoClip: threshold = the ``quantile`` of the last ``history`` norms (capped by max_norm); a
-    scalar (total norm) or one per entry of the vectors ``update`` is given (layer-wise clipping)."""
+    scalar (total norm) or one per entry of the vectors ``update`` is given (layer-wise clipping).
+    The ring and the step count live on the device (no host read, nothing for compile to guard on)."""
 
     def __init__(self, max_norm: float = math.inf, quantile: float = 0.9, history: int = 1000, warmup_steps: int = 10):
         owner = "QuantileThreshold"
@@ -191,25 +197,27 @@ class QuantileThreshold:
         self.quantile = _real(owner, "quantile", quantile, low=0.0, high=1.0)
         self.history = _count(owner, "history", history)
         self.warmup_steps = _count(owner, "warmup_steps", warmup_steps)
-        self.steps = 0
-        self.norms: torch.Tensor | None = None
+        self.steps: torch.Tensor | None = None  # int64 device scalar: updates so far
+        self.norms: torch.Tensor | None = None  # [history, ...]: NaN where no finite norm was written yet
 
     def threshold(self, device: torch.device) -> torch.Tensor:
         cap = torch.full((), self.max_norm, dtype=torch.float32, device=device)
-        filled = min(self.steps, self.history)
-        if self.steps < self.warmup_steps or self.norms is None:
+        if self.steps is None:
             return cap
-        return torch.minimum(torch.quantile(self.norms[:filled], self.quantile, dim=0), cap)
+        q = torch.nanquantile(self.norms, self.quantile, dim=0)
+        return torch.where((self.steps >= self.warmup_steps) & ~torch.isnan(q), torch.minimum(q, cap), cap)
 
+    @torch.no_grad()
     def update(self, total_norm: torch.Tensor) -> None:
         n = total_norm.detach().float()
-        if self.norms is None:
-            self.norms = torch.zeros((self.history, *n.shape), dtype=torch.float32, device=n.device)
-        slot = self.steps % self.history
-        previous = self.norms[slot]
-        # A non-finite norm keeps the slot's old value out of the history (no sync to branch on it).
-        self.norms[slot] = torch.where(torch.isfinite(n), n, previous if self.steps >= self.history else torch.zeros_like(n))
-        self.steps += 1
+        if self.steps is None:
+            self.steps = torch.zeros((), dtype=torch.int64, device=n.device)
+            self.norms = torch.full((self.history, *n.shape), math.nan, dtype=torch.float32, device=n.device)
+        slot = torch.remainder(self.steps, self.history).reshape(1)
+        # A non-finite norm keeps the slot's old value (no sync to branch on it).
+        old = self.norms.index_select(0, slot)
+        self.norms.index_copy_(0, slot, torch.where(torch.isfinite(n), n, old))
+        self.steps.add_(1)
 
     def state_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("max_norm", "quantile", "history", "warmup_steps", "steps", "norms")}
