@@ -22,14 +22,13 @@ from .clipper import Clipper
 from .history import NormHistory
 from .histogram import log2_histograms
 from .layerwise import clip_grad_norm_per_tensor_
-from .monitor import GradClipper, NonFiniteCounter, QuantileThreshold, ZScoreThreshold
+from .monitor import NonFiniteCounter, QuantileThreshold, ZScoreThreshold
 from .report import GradientReport, inspect_gradients
 from .rollback import Rollback
 from .sinks import CSVSink, JSONLSink, TensorBoardSink, read_jsonl
 from .spike import SpikeRule
 from .telemetry import Telemetry, TelemetryRecord
 from .training import (
-    OptimizerClipper,
     clip_grad_norm_for_optimizer_,
     handoff_unsupported_reason,
     unscale_and_clip_,
@@ -56,7 +55,6 @@ __all__ = [
     "SpikeRule",
     "adaptive_clip_grad_",
     "clip_grad_norm_per_tensor_",
-    "GradClipper",
     "GradientReport",
     "inspect_gradients",
     "NormHistory",
@@ -73,7 +71,6 @@ __all__ = [
     "QuantileThreshold",
     "ZScoreThreshold",
     "NonFiniteCounter",
-    "OptimizerClipper",
     "clip_grad_norm_for_optimizer_",
     "handoff_unsupported_reason",
     "unscale_and_clip_",

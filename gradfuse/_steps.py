@@ -7,8 +7,9 @@
    optimizer's next step (``gradfuse._handoff``);
 3. :func:`gated_step`: the step, skipped after one host read where only the host can skip it.
 
-:func:`clip_for_optimizer` runs them in order for an optimizer (and an enabled GradScaler, whose
-state ``gradfuse._amp`` reads and writes); the public functions of ``gradfuse.training`` call it.
+:func:`clip_for_optimizer` runs 1 and 2 for an optimizer (and an enabled GradScaler, whose state
+``gradfuse._amp`` reads and writes); the public functions of ``gradfuse.training`` call it.
+:class:`gradfuse.Clipper` composes all three with its own decisions (thresholds, spike rule).
 """
 
 from __future__ import annotations
@@ -87,19 +88,15 @@ def gated_step(optimizer, found_inf: torch.Tensor | None, *args, **kwargs):
     return optimizer.step(*args, **kwargs)
 
 
-def clip_for_optimizer(
-    optimizer, max_norm, norm_type, nonfinite, scaler, handoff, foreach, backend, fn, *, skip_on_host: bool = False
-) -> tuple[ClipResult | None, torch.Tensor | None]:
-    """The steps in order, for ``optimizer`` and an enabled ``scaler`` or None: returns the result
-    and the ``found_inf`` that :func:`gated_step` must read before the step, or None when nothing
-    or the device skips it (``skip_on_host``: allowed for "skip" where the device cannot skip)."""
+def clip_for_optimizer(optimizer, max_norm, norm_type, nonfinite, scaler, handoff, foreach, backend, fn) -> ClipResult | None:
+    """The steps in order, for ``optimizer`` and an enabled ``scaler`` or None; returns the result.
+    "skip" needs an optimizer that skips on the device (or a scaler): ValueError otherwise."""
     params = params_of(optimizer, fn)
     nonfinite = v.check_nonfinite(nonfinite, fn)
     inv_scale = _amp.begin_unscale(scaler, optimizer, params, fn) if scaler is not None else None
     handoff = _handoff.use_handoff(optimizer, handoff, fn)
     _handoff.drop(optimizer)
-    host_skip = not handoff and nonfinite == "skip" and scaler is None
-    if host_skip and not skip_on_host:
+    if not handoff and nonfinite == "skip" and scaler is None:
         raise ValueError(
             f"{fn}: nonfinite='skip' needs an optimizer that can skip its step on the device "
             f"({handoff_unsupported_reason(optimizer) or 'handoff=False was passed'}); use a fused "
@@ -113,4 +110,4 @@ def clip_for_optimizer(
         r = clip_for_next_step(optimizer, params, r, nonfinite, under_scaler=scaler is not None, foreach=foreach, backend=backend, fn=fn)
     if scaler is not None:
         _amp.mark_unscaled(scaler, optimizer, None if r is None else r.found_inf)
-    return r, (r.found_inf if host_skip and r is not None else None)
+    return r

@@ -24,7 +24,8 @@ import torch
 
 from . import _abi, _reference, _validation as v, ops
 from ._engine import ClipResult, torch_norm_dtype
-from .layerwise import combine, combine_all, named_parameters, policy_of, root
+from ._tracking import named_parameters
+from .layerwise import combine, combine_all, policy_of, root
 
 
 def _check_real(value, name: str, fn: str, *, positive: bool) -> float:

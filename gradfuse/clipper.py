@@ -31,7 +31,8 @@ import torch
 from . import _abi, _amp, _handoff, _steps, _validation as v, ops
 from ._engine import ClipResult
 from .agc import AGC, clip_units, per_gradient, select
-from .layerwise import clip_by_group, group_keys, named_parameters, policy_of, segment_index, with_smallest_coef
+from ._tracking import named_parameters
+from .layerwise import clip_by_group, group_keys, policy_of, segment_index, with_smallest_coef
 from .monitor import NonFiniteCounter
 from .rollback import LaggedRead, Rollback, Snapshots
 from .spike import SpikeRule
@@ -135,7 +136,7 @@ class Clipper:
     def _measure(self, grads, dtypes, bound, inv_scale, handoff: bool):
         """One read and the scale pass of the chosen clipping: the step's result (per gradient, what
         statistics see), the factor still to hand to the optimizer, and the threshold's statistic."""
-        p, nonfinite, fn = self.norm_type, self.nonfinite, "Clipper.clip"
+        p, nonfinite = self.norm_type, self.nonfinite
         error = nonfinite == "error"
         if self.agc is not None:
             u = select(self.named, self.agc.exclude)

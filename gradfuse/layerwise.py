@@ -24,6 +24,7 @@ import torch
 
 from . import _abi, _reference, _validation as v, ops
 from ._engine import ClipResult
+from ._tracking import named_parameters
 
 _POLICIES = {"propagate": _abi.POLICY_PROPAGATE, "skip": _abi.POLICY_SKIP, "zero": _abi.POLICY_ZERO, "error": _abi.POLICY_PROPAGATE}
 
@@ -31,25 +32,6 @@ _POLICIES = {"propagate": _abi.POLICY_PROPAGATE, "skip": _abi.POLICY_SKIP, "zero
 def policy_of(nonfinite: str) -> int:
     """The kernel policy of a validated ``nonfinite`` ("error" measures as "propagate")."""
     return _POLICIES[nonfinite]
-
-
-def named_parameters(parameters, fn: str) -> list[tuple[str, torch.Tensor]]:
-    """(name, parameter) pairs from a module, ``named_parameters()``, or plain parameters (named
-    ``param<i>``)."""
-    if isinstance(parameters, torch.nn.Module):
-        parameters = parameters.named_parameters()
-    named = []
-    for i, item in enumerate(v.as_list(parameters, fn)):
-        if isinstance(item, torch.Tensor):
-            named.append((f"param{i}", item))
-        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], torch.Tensor):
-            named.append(item)
-        else:
-            raise TypeError(
-                f"{fn}: parameters[{i}] is of type {type(item).__name__}; pass a module, model.named_parameters() "
-                "((name, parameter) pairs) or model.parameters()"
-            )
-    return named
 
 
 def module_of(name: str) -> str:

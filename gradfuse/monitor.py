@@ -1,10 +1,9 @@
-"""Taming exploding gradients: adaptive clip thresholds and per-layer norm telemetry, on the device.
+"""Step counters and adaptive clip thresholds, on the device (what :class:`gradfuse.Clipper` uses).
 
 Everything here updates device tensors with torch ops and never reads them back, so a training step
-stays free of host syncs; ``GradClipper.stats()`` and ``NonFiniteCounter.as_dict()`` are the places
-that read (call them when you log).
+stays free of host syncs; ``NonFiniteCounter.as_dict()`` is the place that reads (call it when you log).
 
-``NonFiniteCounter`` counts steps, non-finite steps and clipped steps from each ClipResult.
+``NonFiniteCounter`` counts steps, non-finite, clipped and skipped steps from each ClipResult.
 
 Thresholds (each gives ``max_norm`` as a device tensor, which the kernels read on the device):
 
@@ -24,11 +23,7 @@ import numbers
 
 import torch
 
-from . import _validation as v
-from ._backends import requested_backend
 from ._engine import ClipResult
-from ._tracking import named_parameters
-from .clip import clip_grads
 
 
 class NonFiniteCounter:
@@ -225,96 +220,3 @@ class QuantileThreshold:
     def load_state_dict(self, state: dict) -> None:
         for k, val in state.items():
             setattr(self, k, val)
-
-
-class GradClipper:
-    """Clip a model's gradients each step and keep per-layer statistics on the device.
-
-    ``parameters``: ``model.named_parameters()`` (layers are reported by name), or plain
-    parameters (reported as ``param0``, ``param1``, ...).
-    ``max_norm``: a number or a threshold object (``ZScoreThreshold``, ``QuantileThreshold``).
-    ``step()`` clips (``gradfuse.clip_grads``) and updates running statistics without a host sync:
-    the step counts of a :class:`NonFiniteCounter` (``counter``), the last and the largest total
-    norm, and each layer's last and largest norm (NaN once the layer held a NaN). ``stats()`` reads
-    them back (one sync). ``history`` (:class:`gradfuse.NormHistory`) and ``telemetry``
-    (:class:`gradfuse.Telemetry`), when given, are fed every step with the threshold used and, for
-    ``nonfinite="skip"``, whether the step was skipped.
-    """
-
-    def __init__(self, parameters, max_norm=1.0, norm_type: float = 2.0, *, nonfinite: str = "propagate", backend: str | None = None,
-                 history=None, telemetry=None):  # fmt: skip
-        fn = "GradClipper"
-        self.named = named_parameters(parameters, fn)
-        self.names = [name for name, _ in self.named]
-        self.threshold = max_norm if hasattr(max_norm, "threshold") else None
-        self.max_norm = None if self.threshold is not None else v.check_max_norm(max_norm, fn)
-        self.norm_type = v.check_norm_type(norm_type, fn)
-        self.nonfinite = v.check_nonfinite(nonfinite, fn)
-        self.backend = requested_backend(backend) if backend is not None else None
-        self.counter = NonFiniteCounter()
-        self.history, self.telemetry = history, telemetry
-        self._totals: torch.Tensor | None = None  # [last total norm, largest total norm]
-        self._layer_last: torch.Tensor | None = None
-        self._layer_max: torch.Tensor | None = None
-        self._index: tuple[tuple[int, ...], torch.Tensor] | None = None  # layers with a grad, on device
-
-    def step(self) -> ClipResult | None:
-        params = [p for _, p in self.named]
-        with_grad = [i for i, p in enumerate(params) if p.grad is not None]
-        if not with_grad:
-            return None
-        device = params[with_grad[0]].grad.device
-        max_norm = self.threshold.threshold(device) if self.threshold is not None else self.max_norm
-        result = clip_grads(params, max_norm, self.norm_type, nonfinite=self.nonfinite, backend=self.backend)
-        if self.threshold is not None:
-            self.threshold.update(result.total_norm)
-        self._record(result, with_grad, device)
-        skipped = result.found_inf if self.nonfinite == "skip" else None
-        for sink in (self.history, self.telemetry):
-            if sink is not None:
-                sink.update(result, max_norm=max_norm, skipped=skipped)
-        return result
-
-    @torch.no_grad()
-    def _record(self, r: ClipResult, with_grad: list[int], device: torch.device) -> None:
-        self.counter.update(r)
-        if self._totals is None:
-            self._totals = torch.zeros(2, dtype=torch.float64, device=device)
-            self._layer_last = torch.zeros(len(self.named), dtype=torch.float32, device=device)
-            self._layer_max = torch.zeros(len(self.named), dtype=torch.float32, device=device)
-        total = r.total_norm.to(device, torch.float64)
-        self._totals[0] = total
-        self._totals[1] = torch.fmax(self._totals[1], total)
-        if self._index is None or self._index[0] != tuple(with_grad):  # copied once, not every step
-            self._index = (tuple(with_grad), torch.tensor(with_grad, device=device))
-        idx = self._index[1]
-        norms = r.tensor_norms.to(device, torch.float32)
-        self._layer_last.index_copy_(0, idx, norms)
-        # torch.maximum, not fmax: a layer that held a NaN must show it, not hide behind its old max.
-        self._layer_max.index_copy_(0, idx, torch.maximum(self._layer_max.index_select(0, idx), norms))
-
-    def stats(self, top_k: int = 5) -> dict:
-        """Host copy of the statistics (one sync): counts, clip rate, norms, the top-k layers."""
-        if self._totals is None:
-            return {"steps": 0}
-        n = len(self.names)
-        values = torch.cat(
-            [self.counter.counts.double(), self._totals, self._layer_last.double(), self._layer_max.double()]
-        ).tolist()  # one read for everything
-        k = len(NonFiniteCounter.FIELDS)
-        counts = dict(zip(NonFiniteCounter.FIELDS, map(int, values[:k])))
-        last, largest = values[k : k + 2]
-        last_layers, max_layers = values[k + 2 : k + 2 + n], values[k + 2 + n :]
-        order = sorted(range(n), key=lambda i: -last_layers[i] if math.isfinite(last_layers[i]) else -math.inf)
-        steps = counts["steps"]
-        return {
-            "steps": steps,
-            "clipped_steps": counts["clipped_steps"],
-            "clip_rate": counts["clipped_steps"] / steps if steps else 0.0,
-            "nonfinite_steps": counts["nonfinite_steps"],
-            "consecutive_nonfinite": counts["consecutive_nonfinite"],
-            "last_total_norm": last,
-            "max_total_norm": largest,
-            "top_layers": [(self.names[i], last_layers[i]) for i in order[:top_k]],
-            "layer_max_norms": dict(zip(self.names, max_layers)),
-        }
