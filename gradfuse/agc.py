@@ -16,7 +16,6 @@ factor is not 1: rows that need no clipping stay bitwise as they were. No host s
 from __future__ import annotations
 
 import fnmatch
-import functools
 import math
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ import torch
 from . import _abi, _reference, _validation as v, ops
 from ._engine import ClipResult, torch_norm_dtype
 from ._tracking import named_parameters
-from .layerwise import combine, combine_all, policy_of, root
+from .layerwise import combine, combine_all, device_constant, policy_of, root
 
 
 def _check_real(value, name: str, fn: str, *, positive: bool) -> float:
@@ -77,19 +76,27 @@ class Units:
         return tuple(r for r, c in zip(self.grad_rows, self.clipped) if c)
 
 
+@torch.compiler.assume_constant_result  # evaluated when traced, not traced (fnmatch is not traceable)
+def _kept(names: tuple[str, ...], exclude: tuple[str, ...]) -> tuple[bool, ...]:
+    return tuple(not any(fnmatch.fnmatchcase(name, pat) for pat in exclude) for name in names)
+
+
 def select(named: list[tuple[str, torch.Tensor]], exclude: tuple[str, ...]) -> Units:
     with_grad = [(name, p) for name, p in named if p.grad is not None]
-    clipped = tuple(not any(fnmatch.fnmatchcase(name, pat) for pat in exclude) for name, _ in with_grad)
+    clipped = _kept(tuple(name for name, _ in with_grad), exclude) if exclude else (True,) * len(with_grad)
     rows = tuple(units(p) if c else 1 for (_, p), c in zip(with_grad, clipped))
     return Units([p for _, p in with_grad], clipped, rows)
 
 
-@functools.lru_cache(maxsize=64)
 def _layout(grad_rows: tuple[int, ...], clipped: tuple[bool, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(the gradient of each entry, the entries of the clipped units), as device indices built once."""
-    owner = [i for i, r in enumerate(grad_rows) for _ in range(r)]  # on the host: no data-dependent shapes to trace
-    units_at = [k for k, i in enumerate(owner) if clipped[i]]
-    return torch.tensor(owner, dtype=torch.int64, device=device), torch.tensor(units_at, dtype=torch.int64, device=device)
+
+    def make():
+        owner = [i for i, r in enumerate(grad_rows) for _ in range(r)]  # on the host: no data-dependent shapes to trace
+        units_at = [k for k, i in enumerate(owner) if clipped[i]]
+        return torch.tensor(owner, dtype=torch.int64, device=device), torch.tensor(units_at, dtype=torch.int64, device=device)
+
+    return device_constant(("agc", grad_rows, clipped, torch.device(device)), make)
 
 
 def per_gradient(r: ClipResult, grad_rows: tuple[int, ...]) -> ClipResult:

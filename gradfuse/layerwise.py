@@ -17,7 +17,6 @@ gradient is touched).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import torch
@@ -48,9 +47,19 @@ def group_keys(names: list[str], group_by, fn: str) -> list:
     return [group_by(name) for name in names]
 
 
-@functools.lru_cache(maxsize=64)
-def _index(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return torch.tensor(ids, dtype=torch.int64, device=device)
+_CONSTANTS: dict[tuple, object] = {}
+
+
+def device_constant(key: tuple, make):
+    """``make()`` (index tensors built from host data), made once per ``key`` and kept; under
+    torch.compile made in the graph, as constants."""
+    if torch.compiler.is_compiling():
+        return make()
+    if key not in _CONSTANTS:
+        if len(_CONSTANTS) >= 64:  # a bound, for loops whose layouts keep changing
+            _CONSTANTS.clear()
+        _CONSTANTS[key] = make()
+    return _CONSTANTS[key]
 
 
 def segment_index(keys: list, device: torch.device) -> tuple[torch.Tensor, int]:
@@ -58,7 +67,8 @@ def segment_index(keys: list, device: torch.device) -> tuple[torch.Tensor, int]:
     order of first appearance; copied to the device once per grouping."""
     number: dict = {}
     ids = tuple(number.setdefault(k, len(number)) for k in keys)
-    return _index(ids, torch.device(device)), len(number)
+    device = torch.device(device)
+    return device_constant(("groups", ids, device), lambda: torch.tensor(ids, dtype=torch.int64, device=device)), len(number)
 
 
 def combine(partials: torch.Tensor, index: torch.Tensor, size: int, p: float) -> torch.Tensor:
