@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import CPU_BACKENDS, interpreted
 from test_training import SyncCounter
 
 import gradfuse
@@ -38,6 +39,15 @@ OPTIMIZERS = {
 }
 
 
+def cases(names, interpreted_too):
+    """(backend, name) params: every backend with every name, the Triton interpreter (about 0.1 s a
+    launch) only with the names in ``interpreted_too``."""
+    return [
+        pytest.param(b.values[0], n, id=f"{b.id}-{n}", marks=b.marks)
+        for b in CPU_BACKENDS for n in names if not interpreted(b.values[0]) or n in interpreted_too
+    ]  # fmt: skip
+
+
 def _loss(model, i, spikes=()):
     """The batch's loss; at the steps in ``spikes`` the targets are corrupted (a loss/norm spike)."""
     y = Y[i] * (300.0 if i in spikes else 1.0)
@@ -63,11 +73,14 @@ def _torch_run(opt_name, skip_steps):
     return traj
 
 
+MODES = {"global": dict(), "layerwise": dict(layerwise=True), "agc": dict(max_norm=None, agc=gradfuse.AGC(0.02))}
+
+
 def _spike_rule():
     return gradfuse.SpikeRule(sigma=6.0, window=16, warmup=8)
 
 
-@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("backend, opt_name", cases(list(OPTIMIZERS), ["sgd-momentum", "adamw-fused"]))
 def test_injected_spike_is_skipped_exactly_there(backend, opt_name):
     """The acceptance run: a spike at one step is skipped (parameters bitwise unchanged by it), every
     other step is torch's clip + step, the counters say so, and the loop never syncs the host
@@ -103,7 +116,7 @@ def test_injected_spike_is_skipped_exactly_there(backend, opt_name):
         assert all(int(opt.state[p]["step"]) == STEPS - 1 for p in model.parameters())  # the skipped step did not count
 
 
-@pytest.mark.parametrize("opt_name", ["sgd", "sgd-momentum", "adamw-foreach", "adamw-fused"])
+@pytest.mark.parametrize("backend, opt_name", cases(["sgd", "sgd-momentum", "adamw-foreach", "adamw-fused"], ["sgd", "adamw-fused"]))
 def test_nonfinite_step_is_skipped_with_every_optimizer(backend, opt_name):
     model = _model()
     opt = OPTIMIZERS[opt_name](model.parameters())
@@ -126,7 +139,7 @@ def test_nonfinite_step_is_skipped_with_every_optimizer(backend, opt_name):
     assert clipper.stats()["skipped_steps"] == 1 == clipper.stats()["nonfinite_steps"]
 
 
-@pytest.mark.parametrize("opt_name", ["adamw-fused", "adamw-foreach"])
+@pytest.mark.parametrize("backend, opt_name", cases(["adamw-fused", "adamw-foreach"], ["adamw-fused"]))
 def test_grad_scaler_skips_a_spike_without_backing_the_scale_off(backend, opt_name):
     def run(spike_rule):
         model = _model()
@@ -191,6 +204,28 @@ def test_layerwise_and_agc_clipper_match_the_functions(backend):
         assert torch.equal(_flat(a), _flat(b))
 
 
+@pytest.mark.parametrize("backend, mode", cases(["layerwise", "agc"], []))
+def test_grad_scaler_unscales_in_the_same_pass_for_layerwise_and_agc(backend, mode):
+    """Under a GradScaler the factors include 1/scale: the same as scaler.unscale_ then the function."""
+    fn = {"layerwise": lambda m: gradfuse.clip_grad_norm_per_tensor_(m, 0.3, backend=backend),
+          "agc": lambda m: gradfuse.adaptive_clip_grad_(m, 0.02, backend=backend)}[mode]  # fmt: skip
+    a, b = _model(), _model()
+    opt_a, opt_b = OPTIMIZERS["adamw-foreach"](a.parameters()), OPTIMIZERS["adamw-foreach"](b.parameters())
+    sa, sb = (torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in range(2))
+    clipper = gradfuse.Clipper(a, opt_a, **({"max_norm": 0.3} | MODES[mode]), scaler=sa, backend=backend)
+    for i in range(4):
+        sa.scale(_loss(a, i)).backward()
+        sb.scale(_loss(b, i)).backward()
+        clipper.step()
+        sb.unscale_(opt_b)
+        fn(b)
+        sb.step(opt_b)
+        for s_, o in ((sa, opt_a), (sb, opt_b)):
+            s_.update()
+            o.zero_grad()
+    torch.testing.assert_close(_flat(a), _flat(b), **TOL)
+
+
 def test_bad_arguments_name_the_problem():
     model = _model()
     opt = OPTIMIZERS["sgd"](model.parameters())
@@ -226,8 +261,8 @@ def test_no_gradients_steps_the_optimizer_and_returns_none(backend):
     assert clipper.stats()["steps"] == 0
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(layerwise=True), dict(max_norm=None, agc=gradfuse.AGC(0.02))], ids=["global", "layerwise", "agc"])
-def test_compiled_clip_has_no_graph_breaks_and_matches_eager(backend, kwargs):
+@pytest.mark.parametrize("backend, mode", cases(list(MODES), ["global"]))
+def test_compiled_clip_has_no_graph_breaks_and_matches_eager(backend, mode):
     """forward, backward and Clipper.clip (threshold, policy, spike rule, counters, hand-off) in one
     fullgraph=True graph; the fused step outside it (torch's step hooks are compile-disabled)."""
 
@@ -235,7 +270,7 @@ def test_compiled_clip_has_no_graph_breaks_and_matches_eager(backend, kwargs):
         torch._dynamo.reset()
         model = _model()
         opt = OPTIMIZERS["adamw-fused"](model.parameters())
-        clipper = gradfuse.Clipper(model, opt, **({"max_norm": MAX_NORM} | kwargs), spike=_spike_rule(), backend=backend)
+        clipper = gradfuse.Clipper(model, opt, **({"max_norm": MAX_NORM} | MODES[mode]), spike=_spike_rule(), backend=backend)
 
         def fwd_bwd_clip(x, y):
             loss = F.mse_loss(model(x), y)
