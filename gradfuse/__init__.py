@@ -19,6 +19,7 @@ from .clip import (
 from . import histogram, plot, sinks
 from .agc import AGC, adaptive_clip_grad_
 from .clipper import Clipper
+from .distributed import DistributedClipResult
 from .history import NormHistory
 from .histogram import log2_histograms
 from .layerwise import clip_grad_norm_per_tensor_
@@ -40,6 +41,7 @@ __all__ = [
     "BACKEND_NAMES",
     "BackendUnavailableError",
     "ClipResult",
+    "DistributedClipResult",
     "available_backends",
     "clip_grad_norm",
     "clip_grad_norm_",

@@ -36,15 +36,17 @@ def measured_policy(nonfinite: str, handoff: bool) -> str:
     return "skip" if handoff and nonfinite == "zero" else nonfinite
 
 
-def measure(params, max_norm, norm_type: float, nonfinite: str, *, handoff: bool, inv_scale=None, foreach=None, backend=None) -> ClipResult | None:
+def measure(params, max_norm, norm_type: float, nonfinite: str, *, handoff: bool, inv_scale=None, foreach=None, backend=None,
+            group=None, exclude_from_norm=None) -> ClipResult | None:  # fmt: skip
     """One read of the gradients: norms, NaN/Inf check, coefficient and the factor
     ``scale = min(1, max_norm / (total + 1e-6)) * inv_scale``. Without ``handoff`` the gradients are
     scaled in the same call, with the policy applied by the kernels. With ``handoff`` nothing is
-    written, and the factor stays 1 on a bad step (:func:`measured_policy`)."""
+    written, and the factor stays 1 on a bad step (:func:`measured_policy`). ``group``,
+    ``exclude_from_norm``: sharded or pipelined gradients (``gradfuse.clip_grad_norm_``)."""
     policy = measured_policy(nonfinite, handoff)
     return clip_grads(
         params, max_norm, norm_type, nonfinite=policy, inv_scale=inv_scale, apply=not handoff, foreach=foreach,
-        backend=backend,
+        backend=backend, group=group, exclude_from_norm=exclude_from_norm,
     )  # fmt: skip
 
 
@@ -88,12 +90,14 @@ def gated_step(optimizer, found_inf: torch.Tensor | None, *args, **kwargs):
     return optimizer.step(*args, **kwargs)
 
 
-def clip_for_optimizer(optimizer, max_norm, norm_type, nonfinite, scaler, handoff, foreach, backend, fn) -> ClipResult | None:
+def clip_for_optimizer(
+    optimizer, max_norm, norm_type, nonfinite, scaler, handoff, foreach, backend, fn, *, group=None, exclude_from_norm=None
+) -> ClipResult | None:
     """The steps in order, for ``optimizer`` and an enabled ``scaler`` or None; returns the result.
     "skip" needs an optimizer that skips on the device (or a scaler): ValueError otherwise."""
     params = params_of(optimizer, fn)
     nonfinite = v.check_nonfinite(nonfinite, fn)
-    inv_scale = _amp.begin_unscale(scaler, optimizer, params, fn) if scaler is not None else None
+    inv_scale = _amp.begin_unscale(scaler, optimizer, params, fn, group) if scaler is not None else None
     handoff = _handoff.use_handoff(optimizer, handoff, fn)
     _handoff.drop(optimizer)
     if not handoff and nonfinite == "skip" and scaler is None:
@@ -105,7 +109,8 @@ def clip_for_optimizer(optimizer, max_norm, norm_type, nonfinite, scaler, handof
         )
     if handoff:
         _handoff.check_no_foreign_scale(optimizer, fn)
-    r = measure(params, max_norm, norm_type, nonfinite, handoff=handoff, inv_scale=inv_scale, foreach=foreach, backend=backend)
+    r = measure(params, max_norm, norm_type, nonfinite, handoff=handoff, inv_scale=inv_scale, foreach=foreach, backend=backend,
+                group=group, exclude_from_norm=exclude_from_norm)  # fmt: skip
     if r is not None and handoff:
         r = clip_for_next_step(optimizer, params, r, nonfinite, under_scaler=scaler is not None, foreach=foreach, backend=backend, fn=fn)
     if scaler is not None:

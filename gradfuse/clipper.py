@@ -21,16 +21,21 @@ device; under a GradScaler, ``scaler.step`` skips (on the device for fused optim
 host read otherwise); any other optimizer is stepped after one host read of the skip flag (the one
 documented sync, paid only when a step can be skipped: ``nonfinite="skip"`` or a spike rule).
 Host syncs otherwise: none. The persistent-explosion check reads the counters through
-:class:`gradfuse.rollback.LaggedRead` (a non-blocking copy, seen a step or two late on CUDA).
+:class:`gradfuse.rollback.LaggedRead` (a non-blocking copy, read two steps later on CUDA, at the
+same step on every rank; at once on the CPU).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _abi, _amp, _handoff, _steps, _validation as v, ops
+import dataclasses
+
+from . import _abi, _amp, _handoff, _layout, _steps, _validation as v, ops
 from ._engine import ClipResult
 from .agc import AGC, clip_units, per_gradient, select
+from .clip import _clip as clip_maybe_distributed
+from .distributed import DistributedClipResult
 from ._tracking import named_parameters
 from .layerwise import clip_by_group, group_keys, policy_of, segment_index, with_smallest_coef
 from .monitor import NonFiniteCounter
@@ -73,12 +78,19 @@ class Clipper:
     loop's). ``history``/``telemetry``: a :class:`gradfuse.NormHistory` / ``Telemetry`` fed every
     step (the spike rule makes a history when none is given). ``handoff``, ``foreach``, ``backend``:
     as in :func:`gradfuse.clip_grad_norm_for_optimizer_`.
+
+    Sharded gradients (DTensors, or ``group=``, ``exclude_from_norm=`` as in
+    :func:`gradfuse.clip_grad_norm_`; global clipping only): the total, found_inf and so every
+    decision (threshold, spike, skip, rollback) are the same on every rank. ``layer_norms``: feed
+    the history/telemetry the global per-layer norms (one more collective per step; None: when they
+    are fed; False: NaN, not gathered).
     """
 
     def __init__(self, parameters, optimizer: torch.optim.Optimizer, max_norm=1.0, norm_type: float = 2.0, *, layerwise=False,
                  agc: AGC | None = None, nonfinite: str = "skip", spike: SpikeRule | None = None, max_bad_steps: int | None = None,
                  rollback: Rollback | None = None, scaler: torch.amp.GradScaler | None = None, history=None, telemetry=None,
-                 handoff: bool | None = None, foreach: bool | None = None, backend: str | None = None):  # fmt: skip
+                 handoff: bool | None = None, foreach: bool | None = None, backend: str | None = None, group=None,
+                 exclude_from_norm=None, layer_norms: bool | None = None):  # fmt: skip
         fn = "Clipper"
         opt_params = _steps.params_of(optimizer, fn)
         named = named_parameters(parameters, fn)
@@ -112,7 +124,13 @@ class Clipper:
         if scaler is not None:
             _amp.check_scaler(scaler, fn)
         self.scaler, self.handoff, self.foreach, self.backend = scaler, handoff, foreach, backend
-        device = opt_params[0].device if opt_params else torch.device("cpu")
+        self.group, self.exclude_from_norm = _layout.check_group(group, fn), exclude_from_norm
+        _layout.excluded_indices(opt_params, exclude_from_norm, fn)  # validated here, resolved each step
+        self.sharded = self.group is not None or exclude_from_norm is not None or _layout.has_dtensors(opt_params)
+        if self.sharded and (agc is not None or layerwise is not False):
+            raise ValueError("Clipper: layer-wise and AGC clipping of sharded gradients (DTensors, group=) are not supported; clip globally")
+        self.layer_norms = layer_norms
+        device = _layout.collective_device(self.group) if self.group is not None else opt_params[0].device if opt_params else torch.device("cpu")
         self.counter = NonFiniteCounter(device)
         self.history, self.telemetry = _history(history, spike, device), telemetry
         self.rollbacks = 0  # host count of the rollbacks done
@@ -145,8 +163,11 @@ class Clipper:
             return per_gradient(r, u.grad_rows), None, None
         if self.layerwise is False:
             policy = policy_of(_steps.measured_policy(nonfinite, handoff))
-            r = ops.clip(grads, bound, p, apply=not handoff, backend=self.backend, error_if_nonfinite=error, foreach=self.foreach,
-                         policy=policy, inv_scale=inv_scale, dtypes=dtypes)  # fmt: skip
+            with_grad = [q for q in self.params if q.grad is not None]
+            excluded = _layout.excluded_indices(with_grad, self.exclude_from_norm, "Clipper.clip")
+            r = clip_maybe_distributed(grads, bound, p, group=self.group, excluded=excluded, fn="Clipper.clip", apply=not handoff,
+                                       backend=self.backend, error_if_nonfinite=error, foreach=self.foreach, policy=policy,
+                                       inv_scale=inv_scale, dtypes=dtypes)  # fmt: skip
             return r, (r.scale if handoff else None), r.total_norm
         policy = policy_of(nonfinite)
         vector = isinstance(bound, torch.Tensor) and bound.dim() > 0
@@ -180,14 +201,14 @@ class Clipper:
         inv_scale = _amp.begin_unscale(scaler, opt, params, fn) if scaler is not None and grads else None
         handoff = _handoff.use_handoff(opt, self.handoff, fn)
         _handoff.drop(opt)
-        if not grads:
+        if not grads and self.group is None:
             if scaler is not None:
                 _amp.mark_unscaled(scaler, opt, None)
             return None
         if handoff:
             _handoff.check_no_foreign_scale(opt, fn)
         dtypes = v.check_grads(grads, self.norm_type, self.foreach, fn)
-        bound = self._bound(grads[0].device)
+        bound = self._bound(grads[0].device if grads else self.counter.counts.device)
         r, factor, statistic = self._measure(grads, dtypes, bound, inv_scale, handoff)
         found = r.found_inf.reshape(()).to(torch.float32)
         loss = None if loss is None else torch.as_tensor(loss).detach().to(found.device, torch.float32)
@@ -218,6 +239,9 @@ class Clipper:
         self._to_record = None
         if self.threshold is not None:
             self.threshold.update(statistic)
+        if isinstance(r, DistributedClipResult) and (self.history is not None or self.telemetry is not None):
+            gather = self.layer_norms is not False  # every rank feeds alike: the collective is everyone's
+            r = dataclasses.replace(r, tensor_norms=r.global_tensor_norms() if gather else torch.full_like(r.tensor_norms, float("nan")))
         scalar_bound = bound if not isinstance(bound, torch.Tensor) or bound.dim() == 0 else None
         for sink in (self.history, self.telemetry):
             if sink is not None:

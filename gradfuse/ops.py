@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _abi, _engine, _reference
+from . import _abi, _engine, _layout, _reference
 from ._backends import requested_backend
 
 _LIB = "gradfuse"
@@ -162,5 +162,10 @@ def _scale_compiled(grads, scale, *, backend=None, foreach=None, per_tensor=Fals
 
 #: Norms, NaN/Inf check, coefficient and (``apply``) the scale pass: ``_engine.clip``'s arguments.
 clip = EagerOrCompiled(_engine.clip, _clip_compiled)
+def _scale_eager(grads, scale, **kwargs) -> None:
+    """``_engine.scale_``; DTensor gradients by their local shards (one factor scales every shard)."""
+    _engine.scale_(_layout.local_tensors(grads) if _layout.has_dtensors(grads) else grads, scale, **kwargs)
+
+
 #: grads *= scale (one factor, or one per entry), skipped on the device where 1: ``_engine.scale_``'s arguments.
-scale_ = EagerOrCompiled(_engine.scale_, _scale_compiled)
+scale_ = EagerOrCompiled(_scale_eager, _scale_compiled)

@@ -9,8 +9,9 @@ with a plain copy. :meth:`Snapshots.restore` copies the newest snapshot taken be
 back in place, bitwise (a host wait, paid only on a rollback).
 
 :class:`LaggedRead` is how the host learns, without a sync, that it must act: a small device tensor
-(the step counters) copied every step into pinned memory and read once the copy has landed (a
-CUDA event is polled, never waited for), so the host sees it at most a step or two late.
+(the step counters) copied every step into pinned memory and read ``lag`` steps later, when the
+copy has long landed (its CUDA event is waited for only if the device runs that far behind the
+host). The lag is fixed, so every rank of a distributed run decides at the same step.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from ._layout import local_tensors
 
 
 def _count(owner: str, name: str, value, low: int) -> int:
@@ -83,13 +86,13 @@ class Snapshots:
 
     def _live(self) -> tuple[list[torch.Tensor], tuple, dict]:
         """The device tensors to copy, their layout, and the non-tensor optimizer state."""
-        tensors, layout, extras = [t.detach() for t in self._model], [], {}
+        tensors, layout, extras = [t.detach() for t in local_tensors(self._model)], [], {}
         for i, p in enumerate(self._opt_params()):
             state = self.optimizer.state.get(p, {})
             for key in sorted(state, key=str):
                 value = state[key]
                 if isinstance(value, torch.Tensor):
-                    tensors.append(value.detach())
+                    tensors.append(local_tensors([value.detach()])[0])
                     layout.append((i, key))
                 else:
                     extras[(i, key)] = copy.deepcopy(value)
@@ -144,7 +147,7 @@ class Snapshots:
         if slot.event is not None:
             slot.event.synchronize()
         host = iter(slot.host)
-        for t in self._model:
+        for t in local_tensors(self._model):
             t.detach().copy_(next(host))
         params = self._opt_params()
         state_keys, shapes = slot.layout
@@ -162,18 +165,22 @@ class Snapshots:
             if current is not None:  # keep the tensors in place where they fit (CUDA graphs hold them)
                 for key, value in new.items():
                     old = current.get(key)
-                    if isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor) and old.shape == value.shape and old.dtype == value.dtype:
-                        new[key] = old.copy_(value)
+                    here = local_tensors([old])[0] if isinstance(old, torch.Tensor) else None
+                    if here is not None and isinstance(value, torch.Tensor) and here.shape == value.shape and here.dtype == value.dtype:
+                        here.copy_(value)
+                        new[key] = old
             self.optimizer.state[p] = new
         return slot.step
 
 
 class LaggedRead:
-    """The host's view of a small device tensor, a step or two late, with no sync: :meth:`start`
+    """The host's view of a small device tensor, ``lag`` steps late, with no sync: :meth:`start`
     copies it (CUDA: into pinned memory, non-blocking, with an event); :meth:`latest` returns the
-    newest copy that has landed (as numpy), or None before the first one."""
+    copy started ``lag`` starts ago (as numpy), or None before there is one. On the CPU the copy is
+    the value at once (no lag: there is no device to wait for)."""
 
-    def __init__(self):
+    def __init__(self, lag: int = 2):
+        self.lag = lag
         self._pending: deque = deque()
         self._free: list[torch.Tensor] = []
         self._landed: torch.Tensor | None = None
@@ -189,8 +196,9 @@ class LaggedRead:
         self._pending.append((buf, event))
 
     def latest(self) -> np.ndarray | None:
-        while self._pending and self._pending[0][1].query():  # query() never blocks
-            buf, _ = self._pending.popleft()
+        while len(self._pending) > self.lag:
+            buf, event = self._pending.popleft()
+            event.synchronize()  # started `lag` steps ago: done, unless the device is that far behind
             if self._landed is not None and self._landed.is_pinned():
                 self._free.append(self._landed)
             self._landed = buf

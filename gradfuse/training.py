@@ -61,6 +61,8 @@ def clip_grad_norm_for_optimizer_(
     handoff: bool | None = None,
     foreach: bool | None = None,
     backend: str | None = None,
+    group=None,
+    exclude_from_norm=None,
 ) -> ClipResult | None:
     r"""Clip the gradients of ``optimizer``'s parameters for its next ``step()``, in one read.
 
@@ -88,13 +90,18 @@ def clip_grad_norm_for_optimizer_(
     ``scaler``: with an enabled ``torch.amp.GradScaler`` this is :func:`unscale_and_clip_`.
     ``max_norm`` may be a device tensor. No host sync except for "error". Returns the
     :class:`~gradfuse.ClipResult` (``scale``: the factor the step applies), or None without grads.
+    ``group``, ``exclude_from_norm``: sharded or pipelined gradients, as in
+    :func:`gradfuse.clip_grad_norm_` (found_inf, and so every policy, agrees across the group).
     """
     fn = "clip_grad_norm_for_optimizer_"
     if _amp.enabled(scaler):
         _amp.check_scaler(scaler, fn)
     else:
         scaler = None
-    return clip_for_optimizer(optimizer, max_norm, norm_type, nonfinite, scaler, handoff, foreach, backend, fn)
+    return clip_for_optimizer(
+        optimizer, max_norm, norm_type, nonfinite, scaler, handoff, foreach, backend, fn, group=group,
+        exclude_from_norm=exclude_from_norm,
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -108,6 +115,8 @@ def unscale_and_clip_(
     handoff: bool | None = None,
     foreach: bool | None = None,
     backend: str | None = None,
+    group=None,
+    exclude_from_norm=None,
 ) -> ClipResult | None:
     r"""``scaler.unscale_(optimizer)`` + ``clip_grad_norm_(params, max_norm)`` in one read.
 
@@ -126,8 +135,16 @@ def unscale_and_clip_(
     scaled: saves that pass), "zero" (zeroed), "error" (one host sync, raise). The returned
     :class:`~gradfuse.ClipResult` holds the norms of the unscaled gradients. No host sync except
     for "error".
+
+    Sharded gradients (DTensors, or ``group=``, ``exclude_from_norm=`` as in
+    :func:`gradfuse.clip_grad_norm_`): found_inf is agreed across the group in the clip's one
+    collective, so every rank skips or steps together. torch's ``ShardedGradScaler`` is taken (its
+    fp16 gradients too); the clip's group must contain its ``process_group``.
     """
     fn = "unscale_and_clip_"
     _amp.check_scaler(scaler, fn)
     scaler = scaler if _amp.enabled(scaler) else None
-    return clip_for_optimizer(optimizer, max_norm, norm_type, nonfinite, scaler, handoff, foreach, backend, fn)
+    return clip_for_optimizer(
+        optimizer, max_norm, norm_type, nonfinite, scaler, handoff, foreach, backend, fn, group=group,
+        exclude_from_norm=exclude_from_norm,
+    )  # fmt: skip
