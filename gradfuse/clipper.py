@@ -198,7 +198,7 @@ class Clipper:
         self._gate = self._overflow = self._to_record = None
         scaler = self.scaler if _amp.enabled(self.scaler) else None
         grads = v.grads_of(params, fn)
-        inv_scale = _amp.begin_unscale(scaler, opt, params, fn) if scaler is not None and grads else None
+        inv_scale = _amp.begin_unscale(scaler, opt, params, fn, self.group) if scaler is not None and grads else None
         handoff = _handoff.use_handoff(opt, self.handoff, fn)
         _handoff.drop(opt)
         if not grads and self.group is None:

@@ -294,3 +294,29 @@ def test_compiled_clip_has_no_graph_breaks_and_matches_eager(backend, mode):
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, **TOL)
     assert torch.equal(compiled[SPIKE_AT], compiled[SPIKE_AT - 1])
+
+
+@pytest.mark.gpu
+def test_cuda_spike_skip_and_rollback_make_no_host_sync():
+    """On CUDA with a fused AdamW: the spike is skipped on the device, the counters and snapshots
+    cost no sync (torch's sync debug mode set to error around every clipper call)."""
+    for backend in gradfuse.available_backends("cuda"):
+        model = _model().cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        clipper = gradfuse.Clipper(model, opt, MAX_NORM, spike=_spike_rule(), max_bad_steps=8,
+                                   rollback=gradfuse.Rollback(every=5), backend=backend)  # fmt: skip
+        traj = []
+        for i in range(STEPS):
+            y = (Y[i] * (300.0 if i == SPIKE_AT else 1.0)).cuda()
+            loss = F.mse_loss(model(X[i].cuda()), y)
+            loss.backward()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                clipper.step(loss)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            opt.zero_grad()
+            traj.append(_flat(model))
+        assert torch.equal(traj[SPIKE_AT], traj[SPIKE_AT - 1]) and not torch.equal(traj[SPIKE_AT + 1], traj[SPIKE_AT])
+        counts = clipper.stats()
+        assert (counts["spike_steps"], counts["skipped_steps"], counts["rollbacks"]) == (1, 1, 0), backend
