@@ -65,7 +65,8 @@ bits on every run::
              found_inf ? 0 : coef * inv_scale   POLICY_ZERO (the scale pass writes zeros)
 
     FLAG_WRITE_TENSOR_SCALES (layer-wise clipping): tensor_scales[t] = the same formulas with
-             norm_t in place of total (coef_t = min(1, max_norm / (fp32(norm_t) + CLIP_EPS)) ...)
+             norm_t in place of total (coef_t = min(1, max_norm / (fp32(norm_t) + CLIP_EPS)), the
+             fp64 norm_t where fp32 overflows; then inv_scale and the policy, found_inf global)
 
 ``max_norm`` is the double field, or the float32 device scalar at ``max_norm_ptr`` when that is not
 0 (adaptive thresholds stay on the device). ``inv_scale`` (AMP's 1/loss_scale) is the float32

@@ -217,3 +217,12 @@ def test_statistics_of_nan_and_inf_elements(backend):
     assert max_abs[3] == float(grads[3].abs().max())
     assert r.tensor_max_abs.dtype == torch.float32 and r.tensor_partials.dtype == torch.float64
     assert r.tensor_partials[3].item() == pytest.approx(float(grads[3].double().pow(2).sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_tensor_norm_beyond_fp32_gets_a_finite_layerwise_factor(backend):
+    """The per-tensor factor follows the total's rule: fp32(norm_t), or the fp64 norm where fp32 overflows."""
+    grads = [torch.full((100,), 1e38), torch.full((4,), 0.1)]
+    r = _engine.clip(grads, 1.0, 2.0, apply=True, backend=backend, per_tensor=True)
+    assert r.tensor_scales[0].item() == pytest.approx(1e-39, rel=1e-3) and r.tensor_scales[1].item() == 1.0
+    torch.testing.assert_close(grads[0], torch.full((100,), 0.1), rtol=1e-3, atol=0)

@@ -295,8 +295,8 @@ void finalize(const ClipDesc& d) {
   const double coef = clip_coef(max_norm, total);
   if (d.flags & FLAG_WRITE_TENSOR_SCALES) {
     float* scales = at<float>(d.tensor_scales);
-    for (int64_t t = 0; t < plan.num_tensors; ++t)
-      scales[t] = factor(clip_coef(max_norm, tensor_norms[t]), inv_scale, found_inf, d.policy);
+    for (int64_t t = 0; t < plan.num_tensors; ++t)  // the fp64 norm: clip_coef rounds it as for the total
+      scales[t] = factor(clip_coef(max_norm, root(kind, d.p, tensor_partials[t]) * norm_scale), inv_scale, found_inf, d.policy);
   }
   float* result = at<float>(d.result);
   result[RESULT_TOTAL] = static_cast<float>(total);

@@ -132,7 +132,7 @@ __device__ __forceinline__ void write_tensor(const ClipDesc& d, long long t, con
   at<float>(d.tensor_max_abs)[t] = s.max_abs;
   at<long long>(d.tensor_counts)[2 * t] = s.nans;
   at<long long>(d.tensor_counts)[2 * t + 1] = s.infs;
-  if (f.write_scales) at<float>(d.tensor_scales)[t] = factor(clip_coef(f.max_norm, norm32), f.inv_scale, false, d.policy);
+  if (f.write_scales) at<float>(d.tensor_scales)[t] = factor(clip_coef(f.max_norm, norm), f.inv_scale, false, d.policy);
 }
 
 template <int KIND>
