@@ -14,7 +14,7 @@ and three ways to train each (the same linear learning-rate warm-up in all three
   none       no clipping: the norm grows by orders of magnitude and the loss goes to NaN/Inf
   p95        record the norms of the warm-up steps in a gradfuse.NormHistory, then clip at
              history.suggest_max_norm(0.95) (a fixed max_norm, the usual rule)
-  autoclip   gradfuse.GradClipper with gradfuse.QuantileThreshold (AutoClip: clip at the 90th
+  autoclip   gradfuse.Clipper with gradfuse.QuantileThreshold (AutoClip: clip at the 90th
              percentile of the norms seen so far, after the same calibration steps; the threshold
              stays on the device, no host sync)
 
@@ -132,7 +132,7 @@ def train(task: Task, mode: str, steps: int = 150, seed: int = 0) -> Run:
     history = gradfuse.NormHistory(capacity=steps, parameters=model, layers="all")
     clipper = None
     if mode == "autoclip":
-        clipper = gradfuse.GradClipper(model.named_parameters(), adaptive_threshold(task), history=history)
+        clipper = gradfuse.Clipper(model, opt, adaptive_threshold(task), nonfinite="propagate", history=history)
     max_norm = math.inf
     losses = []
     for step in range(steps):
@@ -145,11 +145,11 @@ def train(task: Task, mode: str, steps: int = 150, seed: int = 0) -> Run:
         opt.zero_grad()
         loss.backward()
         if clipper is not None:
-            clipper.step()
+            clipper.step()  # clip at the adaptive threshold, step, feed the history
         else:  # "none" measures without clipping (max_norm inf), "p95" clips after the warm-up
             history.update(gradfuse.clip_grads(model.parameters(), max_norm), max_norm=max_norm)
+            opt.step()
         losses.append(loss.item())  # the example's own loss log; gradfuse itself never syncs
-        opt.step()
     return Run(task.name, mode, losses, history, max_norm if mode == "p95" else None)
 
 

@@ -17,15 +17,19 @@ from .clip import (
     get_total_norm,
 )
 from . import histogram, plot, sinks
+from .agc import AGC, adaptive_clip_grad_
+from .clipper import Clipper
 from .distributed import DistributedClipResult
 from .history import NormHistory
 from .histogram import log2_histograms
-from .monitor import GradClipper, NonFiniteCounter, QuantileThreshold, ZScoreThreshold
+from .layerwise import clip_grad_norm_per_tensor_
+from .monitor import NonFiniteCounter, QuantileThreshold, ZScoreThreshold
 from .report import GradientReport, inspect_gradients
+from .rollback import Rollback
 from .sinks import CSVSink, JSONLSink, TensorBoardSink, read_jsonl
+from .spike import SpikeRule
 from .telemetry import Telemetry, TelemetryRecord
 from .training import (
-    OptimizerClipper,
     clip_grad_norm_for_optimizer_,
     handoff_unsupported_reason,
     unscale_and_clip_,
@@ -47,7 +51,12 @@ __all__ = [
     "get_total_norm",
     "patch_torch",
     "TorchPatch",
-    "GradClipper",
+    "AGC",
+    "Clipper",
+    "Rollback",
+    "SpikeRule",
+    "adaptive_clip_grad_",
+    "clip_grad_norm_per_tensor_",
     "GradientReport",
     "inspect_gradients",
     "NormHistory",
@@ -64,7 +73,6 @@ __all__ = [
     "QuantileThreshold",
     "ZScoreThreshold",
     "NonFiniteCounter",
-    "OptimizerClipper",
     "clip_grad_norm_for_optimizer_",
     "handoff_unsupported_reason",
     "unscale_and_clip_",

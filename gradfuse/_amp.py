@@ -76,3 +76,9 @@ def mark_unscaled(scaler: torch.amp.GradScaler, optimizer, found_inf: torch.Tens
     ``scaler.update`` backs the scale off."""
     per_device = {} if found_inf is None else {found_inf.device: found_inf_flag(found_inf)}
     scaler._per_optimizer_states[id(optimizer)] = {"stage": OptState.UNSCALED, "found_inf_per_device": per_device}
+
+
+def record_overflow(scaler: torch.amp.GradScaler, optimizer, found_inf: torch.Tensor) -> None:
+    """After ``scaler.step`` skipped on a flag that also held other reasons to skip (a spike):
+    leave only the overflow check for ``scaler.update``, which backs the scale off on it."""
+    scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"] = {found_inf.device: found_inf_flag(found_inf)}

@@ -259,12 +259,13 @@ def clip(
     per_tensor: bool = False,
     stats: bool = False,
     dtypes: tuple[torch.dtype, ...] | None = None,
+    rows: tuple[int, ...] | None = None,
 ) -> ClipResult:
     """Measure ``grads`` (non-empty, validated); scale them in place by the result's ``scale``
     (``tensor_scales`` when ``per_tensor``) when ``apply``. ``dtypes``: the gradients' dtypes when
-    the caller has them already."""
+    the caller has them already; ``rows``: as in :func:`target`."""
     dtypes = tuple(g.dtype for g in grads) if dtypes is None else dtypes
-    at = target(grads, dtypes, backend, foreach)
+    at = target(grads, dtypes, backend, foreach, rows)
     r = measure(at, max_norm, p, policy=policy, inv_scale=inv_scale, per_tensor=per_tensor, stats=stats, dtypes=dtypes)
     if error_if_nonfinite:
         raise_if_nonfinite(r.total_norm, p)
@@ -281,7 +282,8 @@ def scale_(
     foreach: bool | None = None,
     per_tensor: bool = False,
     zero_if_scale_is_zero: bool = False,
+    rows: tuple[int, ...] | None = None,
 ) -> None:
-    """grads *= scale (a device scalar, or one factor per gradient), skipped on the device where 1."""
-    at = target(grads, tuple(g.dtype for g in grads), backend, foreach)
+    """grads *= scale (a device scalar, or one factor per entry), skipped on the device where 1."""
+    at = target(grads, tuple(g.dtype for g in grads), backend, foreach, rows)
     apply_scale(at, scale, per_tensor=per_tensor, policy=_abi.POLICY_ZERO if zero_if_scale_is_zero else _abi.POLICY_PROPAGATE)

@@ -7,8 +7,9 @@
    optimizer's next step (``gradfuse._handoff``);
 3. :func:`gated_step`: the step, skipped after one host read where only the host can skip it.
 
-:func:`clip_for_optimizer` runs them in order for an optimizer (and an enabled GradScaler, whose
-state ``gradfuse._amp`` reads and writes); the public functions of ``gradfuse.training`` call it.
+:func:`clip_for_optimizer` runs 1 and 2 for an optimizer (and an enabled GradScaler, whose state
+``gradfuse._amp`` reads and writes); the public functions of ``gradfuse.training`` call it.
+:class:`gradfuse.Clipper` composes all three with its own decisions (thresholds, spike rule).
 """
 
 from __future__ import annotations
@@ -29,26 +30,35 @@ def params_of(optimizer, fn: str) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
+def measured_policy(nonfinite: str, handoff: bool) -> str:
+    """The policy the read applies: with ``handoff`` "zero" is measured as "skip" (a fused optimizer
+    cannot zero by division, NaN / x stays NaN), and :func:`clip_for_next_step` zeroes."""
+    return "skip" if handoff and nonfinite == "zero" else nonfinite
+
+
 def measure(params, max_norm, norm_type: float, nonfinite: str, *, handoff: bool, inv_scale=None, foreach=None, backend=None,
             group=None, exclude_from_norm=None) -> ClipResult | None:  # fmt: skip
     """One read of the gradients: norms, NaN/Inf check, coefficient and the factor
     ``scale = min(1, max_norm / (total + 1e-6)) * inv_scale``. Without ``handoff`` the gradients are
     scaled in the same call, with the policy applied by the kernels. With ``handoff`` nothing is
-    written, and "zero" is measured as "skip": a fused optimizer cannot zero by division (NaN / x
-    stays NaN), so the factor stays 1 on a bad step and :func:`clip_for_next_step` zeroes.
-    ``group``, ``exclude_from_norm``: sharded or pipelined gradients (``gradfuse.clip_grad_norm_``)."""
-    policy = "skip" if handoff and nonfinite == "zero" else nonfinite
+    written, and the factor stays 1 on a bad step (:func:`measured_policy`). ``group``,
+    ``exclude_from_norm``: sharded or pipelined gradients (``gradfuse.clip_grad_norm_``)."""
+    policy = measured_policy(nonfinite, handoff)
     return clip_grads(
         params, max_norm, norm_type, nonfinite=policy, inv_scale=inv_scale, apply=not handoff, foreach=foreach,
         backend=backend, group=group, exclude_from_norm=exclude_from_norm,
     )  # fmt: skip
 
 
-def clip_for_next_step(optimizer, params, r: ClipResult, nonfinite: str, *, under_scaler: bool, foreach=None, backend=None, fn: str) -> ClipResult:
+def clip_for_next_step(
+    optimizer, params, r: ClipResult, nonfinite: str, *, under_scaler: bool, skip=None, foreach=None, backend=None, fn: str
+) -> ClipResult:
     """Give ``r`` (from :func:`measure` with ``handoff``) to the optimizer's next step, under the
     ``nonfinite`` policy: the step divides by ``1 / r.scale``; "skip" also hands it ``found_inf``
     (under a GradScaler, ``scaler.step`` does); "zero" zeroes the gradients where ``found_inf`` is
-    set. Returns the result as the step sees it ("zero": a scale of 0 on a bad step)."""
+    set. ``skip``: a device flag the step skips on instead of that ``found_inf`` (the caller's
+    decision: found_inf or a spike; ignored under a GradScaler, whose found_inf the caller sets).
+    Returns the result as the step sees it ("zero": a scale of 0 on a bad step)."""
     seen = r
     if nonfinite == "zero":
         _zero_if_found_(v.grads_of(params, fn), r.found_inf, foreach, backend)
@@ -59,6 +69,8 @@ def clip_for_next_step(optimizer, params, r: ClipResult, nonfinite: str, *, unde
     # the step takes as torch's would, or, under a GradScaler, never reads: GradScaler.step hands
     # found_inf to the optimizer, whose fused kernel then returns at once.
     found_inf = r.found_inf if nonfinite == "skip" and not under_scaler else None
+    if skip is not None and not under_scaler:
+        found_inf = skip
     _handoff.hand_over(optimizer, r.scale, found_inf, under_scaler=under_scaler)
     return seen
 
@@ -79,23 +91,20 @@ def gated_step(optimizer, found_inf: torch.Tensor | None, *args, **kwargs):
 
 
 def clip_for_optimizer(
-    optimizer, max_norm, norm_type, nonfinite, scaler, handoff, foreach, backend, fn, *, skip_on_host: bool = False,
-    group=None, exclude_from_norm=None,
-) -> tuple[ClipResult | None, torch.Tensor | None]:
-    """The steps in order, for ``optimizer`` and an enabled ``scaler`` or None: returns the result
-    and the ``found_inf`` that :func:`gated_step` must read before the step, or None when nothing
-    or the device skips it (``skip_on_host``: allowed for "skip" where the device cannot skip)."""
+    optimizer, max_norm, norm_type, nonfinite, scaler, handoff, foreach, backend, fn, *, group=None, exclude_from_norm=None
+) -> ClipResult | None:
+    """The steps in order, for ``optimizer`` and an enabled ``scaler`` or None; returns the result.
+    "skip" needs an optimizer that skips on the device (or a scaler): ValueError otherwise."""
     params = params_of(optimizer, fn)
     nonfinite = v.check_nonfinite(nonfinite, fn)
     inv_scale = _amp.begin_unscale(scaler, optimizer, params, fn, group) if scaler is not None else None
     handoff = _handoff.use_handoff(optimizer, handoff, fn)
     _handoff.drop(optimizer)
-    host_skip = not handoff and nonfinite == "skip" and scaler is None
-    if host_skip and not skip_on_host:
+    if not handoff and nonfinite == "skip" and scaler is None:
         raise ValueError(
             f"{fn}: nonfinite='skip' needs an optimizer that can skip its step on the device "
             f"({handoff_unsupported_reason(optimizer) or 'handoff=False was passed'}); use a fused "
-            "optimizer, a GradScaler, gradfuse.OptimizerClipper (whose step() then syncs once), or "
+            "optimizer, a GradScaler, gradfuse.Clipper (whose step() then reads found_inf once), or "
             "gradfuse.clip_grads(nonfinite='skip') for the gradient-level policy"
         )
     if handoff:
@@ -106,4 +115,4 @@ def clip_for_optimizer(
         r = clip_for_next_step(optimizer, params, r, nonfinite, under_scaler=scaler is not None, foreach=foreach, backend=backend, fn=fn)
     if scaler is not None:
         _amp.mark_unscaled(scaler, optimizer, None if r is None else r.found_inf)
-    return r, (r.found_inf if host_skip and r is not None else None)
+    return r

@@ -3,10 +3,11 @@
 ``update(result)`` after each clip writes one row (total norm, found_inf, coefficient, scale, the
 threshold, skipped, loss) and, for the layers chosen with ``layers=``, their norms, with a fixed
 number of device ops and no host read. Non-finite totals stay in the ring (plots mark them), but
-never enter the statistics: ``summary()`` and the quantiles use the finite norms only, and a second
-ring holds the finite totals alone, so that :meth:`NormHistory.window` (the mean, std and count of
-the last W finite norms, on the device: what a z-score spike detector needs) is never poisoned by
-one NaN step.
+never enter the statistics: ``summary()`` and the quantiles use the finite norms only, and second
+rings hold the finite totals and losses of the steps taken (not skipped) alone, so that
+:meth:`NormHistory.window` (the mean, std and count of the last W of them, on the device: what a
+z-score spike detector needs, ``gradfuse.SpikeRule``) is never poisoned by one NaN step or by the
+spike it skipped.
 
 The rule most training recipes use, ``max_norm`` = the 95th percentile of the norms seen:
 ``history.suggest_max_norm(0.95)`` (a host read), or ``history.quantile(0.95)`` (a device tensor).
@@ -25,6 +26,9 @@ from ._engine import ClipResult
 
 #: the per-layer value of a step at which the layer had no gradient (a norm is never negative).
 NO_GRAD = -1.0
+#: the step columns :meth:`NormHistory.window` keeps a window of.
+WINDOWED = ("total_norm", "loss")
+_WINDOWED_AT = [tr.STEP_COLUMNS.index(c) for c in WINDOWED]
 
 
 class Window(NamedTuple):
@@ -70,9 +74,9 @@ class NormHistory:
         self._rows = torch.full((self.capacity, len(tr.STEP_COLUMNS)), math.nan, dtype=torch.float32, device=device)
         self._layer_rows = torch.full((self.capacity, len(self._tracked)), NO_GRAD, dtype=torch.float32, device=device)
         # One slot more than the capacity: the slot written next is never among the last `capacity`
-        # finite norms, so a non-finite norm can be written there unconditionally (no branch, no sync).
-        self._finite = torch.zeros(self.capacity + 1, dtype=torch.float32, device=device)
-        self._finite_count = torch.zeros((), dtype=torch.int64, device=device)
+        # values, so a value that must not enter can be written there unconditionally (no branch, no sync).
+        self._finite = torch.zeros((len(WINDOWED), self.capacity + 1), dtype=torch.float32, device=device)
+        self._finite_count = torch.zeros(len(WINDOWED), dtype=torch.int64, device=device)
 
     @property
     def device(self) -> torch.device | None:
@@ -92,10 +96,11 @@ class NormHistory:
         tr.write_step(self._rows[slot], result, max_norm, skipped, loss)
         if self._tracked:
             self._layer_rows[slot].copy_(self._layer_norms(result))
-        total = result.total_norm.detach().to(torch.float32).reshape(1)
-        at = torch.remainder(self._finite_count, self.capacity + 1).reshape(1)
-        self._finite.index_copy_(0, at, total)
-        self._finite_count.add_(torch.isfinite(total).reshape(()))
+        row = self._rows[slot]
+        values = row[_WINDOWED_AT]
+        at = torch.remainder(self._finite_count, self.capacity + 1)
+        self._finite.scatter_(1, at.unsqueeze(1), values.unsqueeze(1))
+        self._finite_count.add_(torch.isfinite(values) & (row[tr.SKIPPED] == 0))
         self.steps += 1
 
     def _layer_norms(self, result: ClipResult) -> torch.Tensor:
@@ -133,18 +138,22 @@ class NormHistory:
         n = self.norms()
         return torch.nanquantile(torch.where(torch.isfinite(n), n, torch.nan), q)
 
-    def window(self, size: int | None = None, correction: int = 1) -> Window:
+    def window(self, size: int | None = None, correction: int = 1, of: str = "total_norm") -> Window:
         """Mean, std (``correction`` as in ``torch.std``) and count of the last ``size`` (default:
-        ``capacity``) finite total norms, on the device. With fewer than ``size`` finite norms so
-        far, of those there are (count < size; mean 0, std 0 when there is none)."""
+        ``capacity``) finite total norms (``of="loss"``: losses) of the steps taken, on the device.
+        With fewer than ``size`` so far, of those there are (count < size; mean 0, std 0 when there
+        is none)."""
         self._require("window")
+        if of not in WINDOWED:
+            raise ValueError(f"NormHistory.window: of must be one of {WINDOWED}, got {of!r}")
+        ring, filled = self._finite[WINDOWED.index(of)], self._finite_count[WINDOWED.index(of)]
         size = self.capacity if size is None else size
         if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= self.capacity:
             raise ValueError(f"NormHistory.window: size must be an integer in [1, {self.capacity}], got {size!r}")
         back = torch.arange(size, device=self.device)
-        count = torch.clamp(self._finite_count, max=size)
+        count = torch.clamp(filled, max=size)
         valid = back < count
-        values = self._finite.index_select(0, torch.remainder(self._finite_count - 1 - back, self.capacity + 1))
+        values = ring.index_select(0, torch.remainder(filled - 1 - back, self.capacity + 1))
         values = torch.where(valid, values, 0.0)
         mean = values.sum() / count.clamp(min=1)
         var = torch.where(valid, values - mean, 0.0).square().sum() / (count - correction).clamp(min=1)

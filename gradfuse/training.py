@@ -15,8 +15,8 @@ optional unscale in one read, results left on the device):
   read (plus one scale pass, or none with a fused optimizer), leaving the scaler in the state
   ``unscale_`` leaves it in, so ``scaler.step(opt)`` skips on overflow and ``scaler.update()``
   backs the scale off exactly as torch does.
-* :class:`OptimizerClipper` wraps either for one optimizer and counts steps, non-finite steps and clipped
-  steps in a :class:`NonFiniteCounter`, on the device.
+* :class:`gradfuse.Clipper` (``gradfuse.clipper``) is the stateful one: thresholds, spike and
+  non-finite skipping, counters, statistics and rollback around the same steps.
 
 Each runs the same steps (``gradfuse._steps``): measure (one read), apply the non-finite policy,
 hand the factor over to a fused optimizer (``gradfuse._handoff``) or scale; GradScaler's state is
@@ -24,23 +24,20 @@ read and written by ``gradfuse._amp``.
 
 Host syncs: none on the default paths (``nonfinite="propagate"``, ``"skip"`` or ``"zero"``).
 ``nonfinite="error"`` reads the total norm once, before any gradient is touched (under
-``torch.compile`` it becomes a device-side assert instead). ``OptimizerClipper.step`` with
-``nonfinite="skip"`` on an optimizer that cannot skip on the device (not fused, no GradScaler) reads
-``found_inf`` once to decide whether to step, as ``GradScaler.step`` does for such optimizers.
+``torch.compile`` it becomes a device-side assert instead).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _amp, _validation as v
+from . import _amp
 from ._engine import ClipResult
 from ._handoff import handoff_unsupported_reason
-from ._steps import clip_for_optimizer, gated_step, params_of
+from ._steps import clip_for_optimizer
 from .monitor import NonFiniteCounter
 
 __all__ = [
-    "OptimizerClipper",
     "NonFiniteCounter",
     "clip_grad_norm_for_optimizer_",
     "handoff_unsupported_reason",
@@ -86,7 +83,7 @@ def clip_grad_norm_for_optimizer_(
       * "skip": the step is skipped on the device and the gradients are left untouched (a fused
         optimizer gets ``found_inf``, rolls back its step count, and leaves params and state alone).
         Needs an optimizer that can skip on the device: ValueError otherwise (use
-        :class:`OptimizerClipper`, whose ``step()`` then syncs once, or a GradScaler);
+        :class:`gradfuse.Clipper`, whose step then reads found_inf once, or a GradScaler);
       * "zero": the gradients are zeroed and the step taken (an early-exit launch on finite steps);
       * "error": RuntimeError after one host sync, before any gradient or the optimizer is touched.
 
@@ -104,7 +101,7 @@ def clip_grad_norm_for_optimizer_(
     return clip_for_optimizer(
         optimizer, max_norm, norm_type, nonfinite, scaler, handoff, foreach, backend, fn, group=group,
         exclude_from_norm=exclude_from_norm,
-    )[0]  # fmt: skip
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -150,90 +147,4 @@ def unscale_and_clip_(
     return clip_for_optimizer(
         optimizer, max_norm, norm_type, nonfinite, scaler, handoff, foreach, backend, fn, group=group,
         exclude_from_norm=exclude_from_norm,
-    )[0]  # fmt: skip
-
-
-# --------------------------------------------------------------------------------------------------
-# The stateful wrapper
-# --------------------------------------------------------------------------------------------------
-
-
-class OptimizerClipper:
-    """Clip-then-step for one optimizer (and optionally its GradScaler), with device-side counters.
-
-    ::
-
-        clipper = gradfuse.OptimizerClipper(opt, max_norm=1.0, scaler=scaler, nonfinite="skip")
-        for x, y in data:
-            scaler.scale(loss_fn(model(x), y)).backward()
-            clipper.clip()    # unscale + check + norm + clip in one read; counts
-            clipper.step()    # scaler.step(opt) (or opt.step())
-            scaler.update()
-            opt.zero_grad()
-
-    ``clip()`` does what :func:`unscale_and_clip_` does with an enabled scaler, else what
-    :func:`clip_grad_norm_for_optimizer_` does, and updates :attr:`counter`. The one case those refuse,
-    ``nonfinite="skip"`` with an optimizer that cannot skip on the device and no GradScaler, is
-    handled here: the gradients are left untouched on a bad step and ``step()`` reads ``found_inf``
-    once (a host sync, as ``GradScaler.step`` does for such optimizers) to skip the step.
-    ``group``, ``exclude_from_norm``: sharded or pipelined gradients, as in
-    :func:`gradfuse.clip_grad_norm_`.
-    """
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        max_norm: float | torch.Tensor,
-        norm_type: float = 2.0,
-        *,
-        nonfinite: str = "propagate",
-        scaler: torch.amp.GradScaler | None = None,
-        handoff: bool | None = None,
-        foreach: bool | None = None,
-        backend: str | None = None,
-        counter: NonFiniteCounter | None = None,
-        group=None,
-        exclude_from_norm=None,
-    ):
-        fn = "OptimizerClipper"
-        params_of(optimizer, fn)
-        self.optimizer = optimizer
-        self.max_norm = v.check_max_norm(max_norm, fn)
-        self.norm_type = v.check_norm_type(norm_type, fn)
-        self.nonfinite = v.check_nonfinite(nonfinite, fn)
-        if scaler is not None:
-            _amp.check_scaler(scaler, fn)
-        self.scaler = scaler
-        self.handoff = handoff
-        self.foreach = foreach
-        self.backend = backend
-        self.distribution = dict(group=group, exclude_from_norm=exclude_from_norm)
-        self.counter = counter if counter is not None else NonFiniteCounter()
-        self.last: ClipResult | None = None
-        self._gate: torch.Tensor | None = None  # found_inf for step() to read, when only the host can skip
-
-    def clip(self) -> ClipResult | None:
-        """Clip the optimizer's gradients for the next :meth:`step`; returns the ClipResult."""
-        self._gate = None
-        scaler = self.scaler if _amp.enabled(self.scaler) else None
-        r, self._gate = clip_for_optimizer(
-            self.optimizer, self.max_norm, self.norm_type, self.nonfinite, scaler, self.handoff, self.foreach,
-            self.backend, "OptimizerClipper.clip", skip_on_host=True, **self.distribution,
-        )  # fmt: skip
-        self.counter.update(r)
-        self.last = r
-        return r
-
-    def step(self, *args, **kwargs):
-        """``scaler.step(optimizer)`` with an enabled scaler, else ``optimizer.step()``; skipped after
-        a host read of found_inf in the one case described in the class docstring."""
-        if _amp.enabled(self.scaler):
-            return self.scaler.step(self.optimizer, *args, **kwargs)
-        gate, self._gate = self._gate, None
-        return gated_step(self.optimizer, gate, *args, **kwargs)
-
-    def state_dict(self) -> dict:
-        return {"counter": self.counter.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.counter.load_state_dict(state["counter"])
+    )  # fmt: skip

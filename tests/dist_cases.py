@@ -514,23 +514,25 @@ def optimizer_entry_points_and_global_layer_norms():
     for o in fused:
         o.step()
     _assert_same_params(ours, theirs, "handoff to fused AdamW")
-    # GradClipper: global per-layer norms only when asked (one more collective)
+    # Clipper: the global total always; the global per-layer norms for its history (one more collective)
     _backward((ours,))
     named = list(ours.named_parameters())
     layers = {n: norm64([full(q.grad)], 2.0) for n, q in named}
     total = norm64([full(q.grad) for _, q in named], 2.0)
-    for layer_norms, collectives in ((None, 1), (True, 2)):
-        clipper = gradfuse.GradClipper(named, max_norm=1e9, layer_norms=layer_norms)
+    for layer_norms, collectives in ((False, 1), (None, 2)):
+        history = gradfuse.NormHistory(4, parameters=named, layers="all")
+        clipper = gradfuse.Clipper(named, torch.optim.SGD(ours.parameters(), lr=0.0), max_norm=1e9, nonfinite="propagate",
+                                   history=history, layer_norms=layer_norms)  # fmt: skip
         counted(clipper.step, collectives=collectives)
-        stats = clipper.stats()
-        assert_close(stats["last_total_norm"], total, TOTAL_RTOL, "GradClipper total")
-        got = stats["layer_max_norms"]
-        if layer_norms:
+        rec = history.records()
+        assert_close(float(rec["total_norm"][-1]), total, TOTAL_RTOL, "Clipper total")
+        got = dict(zip(history.layer_names, rec["layer_norms"][-1].tolist()))
+        if layer_norms is None:
             for n, want in layers.items():
                 assert_close(got[n], want, TOTAL_RTOL, f"layer {n}")
         else:
-            assert all(v == 0.0 for v in got.values()), "layer norms not gathered unless asked"
-        same_on_every_rank(torch.tensor([stats["last_total_norm"], *got.values()]), "GradClipper stats")
+            assert all(math.isnan(v) for v in got.values()), "layer norms not gathered with layer_norms=False"
+        same_on_every_rank(torch.tensor([float(rec["total_norm"][-1]), *got.values()]), "Clipper history")
 
 
 # --------------------------------------------------------------------------------------------------

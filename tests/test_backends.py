@@ -425,8 +425,7 @@ def test_clip_op_results(backend):
     outputs = torch.ops.gradfuse.clip_(grads, 0.5, None, 2.0, True, _abi.POLICY_PROPAGATE, None, backend)
     assert len(outputs) == len(ops.RESULT_FIELDS)
     r = ops.unpack(outputs, grads, backend, 2.0)
-    for name, dtype, shape in ops.RESULT_FIELDS:  # every field as declared
-        field = getattr(r, name)
+    for (name, dtype, shape), field in zip(ops.RESULT_FIELDS, outputs):  # every output as declared
         assert field.dtype == (dtype or torch.float32) and field.shape == tuple(len(grads) if n == ops.T else n for n in shape), name
     total = math.sqrt(sum(float(b.double().pow(2).sum()) for b in before))
     assert_close_rel(float(r.total_norm), total, 1e-6)

@@ -1,4 +1,4 @@
-"""Adaptive thresholds and per-layer statistics (gradfuse.monitor)."""
+"""Adaptive thresholds and step counters (gradfuse.monitor); the Clipper that uses them is in test_clipper.py."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gradfuse
-from gradfuse.monitor import GradClipper, QuantileThreshold, ZScoreThreshold
+from gradfuse.monitor import NonFiniteCounter, QuantileThreshold, ZScoreThreshold
 
 
 def _model():
@@ -79,94 +79,48 @@ def test_thresholds_reject_bad_settings_naming_them(cls, bad, error):
         cls(**bad)
 
 
-def test_grad_clipper_takes_plain_parameters_too():
-    model, ref = _model(), _model()
-    _set_grads(model, 5.0)
-    _set_grads(ref, 5.0)
-    result = GradClipper(model.parameters(), max_norm=1.0).step()
-    torch.testing.assert_close(result.total_norm, torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0))
-    for p, q in zip(model.parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, q.grad)
-    clipper = GradClipper(list(model.parameters()), max_norm=1.0)
-    clipper.step()
-    assert set(clipper.stats()["layer_max_norms"]) == {f"param{i}" for i in range(4)}
+def test_thresholds_take_one_norm_per_entry_each_with_its_own_statistics():
+    """Layer-wise adaptive clipping: a vector of norms gives a vector of thresholds, entry by entry
+    what a scalar threshold fed that entry's norms gives."""
+    norms = torch.tensor([[1.0, 10.0], [3.0, 30.0], [2.0, math.nan], [9.0, 20.0], [4.0, 25.0]])
+    for make in (lambda: ZScoreThreshold(max_norm=100.0, alpha=0.5, z_thresh=2.0, warmup_steps=2),
+                 lambda: QuantileThreshold(max_norm=100.0, quantile=0.5, history=3, warmup_steps=2)):  # fmt: skip
+        vector, scalars = make(), [make(), make()]
+        for row in norms:
+            vector.update(row)
+            for k, t in enumerate(scalars):
+                t.update(row[k])
+            want = torch.stack([t.threshold(torch.device("cpu")) for t in scalars])
+            torch.testing.assert_close(vector.threshold(torch.device("cpu")), want)
+        assert float(want[0]) < 100.0 and float(want[1]) < 100.0  # adaptive by now
 
 
-@pytest.mark.parametrize(
-    "args, error, match",
-    [
-        (([1, 2], 1.0), TypeError, r"GradClipper: parameters\[0\] is of type int"),
-        (([("w", 3)], 1.0), TypeError, r"parameters\[0\] is of type tuple"),
-        ((None, 1.0), TypeError, "GradClipper: parameters must be"),
-        (((), -1.0), ValueError, "GradClipper: max_norm must be >= 0"),
-        (((), 1.0, "two"), ValueError, "GradClipper: norm_type"),
-    ],
-)
-def test_grad_clipper_rejects_bad_arguments_at_construction(args, error, match):
-    with pytest.raises(error, match=match):
-        GradClipper(*args)
-    with pytest.raises(ValueError, match="nonfinite"):
-        GradClipper((), nonfinite="ignore")
+def test_zscore_warmup_statistics_are_those_of_the_finite_norms():
+    thr = ZScoreThreshold(max_norm=100.0, alpha=0.5, z_thresh=1.0, warmup_steps=3)
+    for n in (2.0, math.nan, 4.0):
+        thr.update(torch.tensor(n))
+    assert float(thr.mean) == pytest.approx(3.0) and float(thr.var) == pytest.approx(1.0)
 
 
-def test_grad_clipper_counts_and_layers_match_torch():
-    model = _model()
-    ref = _model()
-    clipper = GradClipper(model.named_parameters(), max_norm=1.0)
-    for step, scale in enumerate([0.01, 5.0, float("nan"), 0.02]):
-        _set_grads(model, scale)
-        _set_grads(ref, scale)
-        result = clipper.step()
-        expected = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
-        torch.testing.assert_close(result.total_norm, expected, equal_nan=True)
-        for p, q in zip(model.parameters(), ref.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, equal_nan=True)
-    stats = clipper.stats(top_k=2)
-    assert stats["steps"] == 4
-    assert stats["clipped_steps"] == 1  # 5.0 clips; tiny ones do not; NaN gives a NaN coef (not < 1)
-    assert stats["nonfinite_steps"] == 1
-    assert stats["consecutive_nonfinite"] == 0  # the NaN step was followed by a finite one
-    names = [n for n, _ in model.named_parameters()]
-    _set_grads(ref, 0.02)  # the last step's gradients, before clipping
-    last = {n: float(torch.linalg.vector_norm(q.grad)) for n, q in zip(names, ref.parameters())}
-    assert [n for n, _ in stats["top_layers"]] == sorted(last, key=last.get, reverse=True)[:2]
-    # Every layer held NaNs at step 2: the running max shows it (fmax would hide it behind 5.0's).
-    assert all(math.isnan(stats["layer_max_norms"][name]) for name in names)
+def _result(found_inf: float, coef: float):
+    from gradfuse import ClipResult
+
+    z = torch.zeros(1)
+    return ClipResult(torch.tensor([1.0, found_inf, coef, coef]), z, z.double(), z, None, torch.float32, "torch")
 
 
-def test_grad_clipper_layer_max_shows_nan_of_one_layer_and_stays_aligned_with_a_frozen_layer():
-    model = _model()
-    model[0].weight.requires_grad_(False)  # frozen: no gradient, no row in the clip's result
-    clipper = GradClipper(model.named_parameters(), max_norm=1e6)
-    for scale in (1.0, 3.0):
-        for i, p in enumerate(model.parameters()):
-            p.grad = None if i == 0 else torch.full_like(p, scale * (i + 1))
-        if scale == 3.0:
-            model[2].weight.grad[0, 0] = float("nan")
-        clipper.step()
-    stats = clipper.stats()["layer_max_norms"]
-    assert stats["0.weight"] == 0.0  # never had a gradient
-    assert stats["0.bias"] == pytest.approx(3.0 * 2 * math.sqrt(5), rel=1e-6)  # 5 elements of 3 * 2
-    assert math.isnan(stats["2.weight"])
-    assert stats["2.bias"] == pytest.approx(3.0 * 4, rel=1e-6)
-
-
-def test_grad_clipper_with_adaptive_threshold_clips_a_spike():
-    model = _model()
-    clipper = GradClipper(model.named_parameters(), ZScoreThreshold(max_norm=1e3, warmup_steps=3, z_thresh=2.0))
-    for scale in (1.0, 1.1, 0.9, 1.0):
-        _set_grads(model, scale)
-        clipper.step()
-    _set_grads(model, 100.0)
-    before = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()]))
-    result = clipper.step()
-    after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()]))
-    assert float(result.clip_coef) < 0.1
-    assert float(after) < float(before) / 10
-    assert gradfuse.ClipResult is type(result)
-
-
-def test_grad_clipper_without_grads_returns_none():
-    model = _model()
-    assert GradClipper(model.named_parameters()).step() is None
-    assert GradClipper(model.named_parameters()).stats() == {"steps": 0}
+def test_counter_counts_spikes_skips_and_runs_of_bad_steps():
+    counter = NonFiniteCounter("cpu")
+    yes, no = torch.tensor(True), torch.tensor(False)
+    steps = [  # (found_inf, coef, spike, skipped)
+        (0.0, 0.5, no, no), (0.0, 1.0, yes, yes), (1.0, 1.0, no, yes), (0.0, 0.5, no, no),
+        (1.0, 1.0, no, no), (0.0, 1.0, yes, yes),
+    ]  # fmt: skip
+    for i, (found, coef, spike, skipped) in enumerate(steps):
+        counter.update(_result(found, coef), spike=spike, skipped=skipped)
+        if i == 2:
+            assert int(counter.consecutive_bad) == 2 and int(counter.consecutive_nonfinite) == 1
+    assert counter.as_dict() == {
+        "steps": 6, "nonfinite_steps": 2, "clipped_steps": 2, "consecutive_nonfinite": 0,
+        "spike_steps": 2, "skipped_steps": 3, "consecutive_bad": 2,
+    }  # fmt: skip

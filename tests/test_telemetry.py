@@ -258,14 +258,15 @@ def test_dashboard_from_a_history_and_from_a_jsonl_log(tmp_path):
         gradfuse.plot.dashboard(42)
 
 
-# -- GradClipper feeds both -----------------------------------------------------------------
+# -- the Clipper feeds both -----------------------------------------------------------------
 
 
-def test_grad_clipper_feeds_history_and_telemetry_with_its_threshold():
+def test_clipper_feeds_history_and_telemetry_with_its_threshold():
     model = _model()
     history = gradfuse.NormHistory(parameters=model, layers="all")
     tel = gradfuse.Telemetry(model)
-    clipper = gradfuse.GradClipper(model.named_parameters(), 0.25, nonfinite="skip", history=history, telemetry=tel)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    clipper = gradfuse.Clipper(model, opt, 0.25, nonfinite="skip", history=history, telemetry=tel)
     for scale in (1.0, math.nan, 0.01):
         for p in model.parameters():
             p.grad = torch.full_like(p, scale)

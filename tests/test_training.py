@@ -21,7 +21,6 @@ import gradfuse
 from gradfuse import _handoff
 from gradfuse.training import (
     NonFiniteCounter,
-    OptimizerClipper,
     clip_grad_norm_for_optimizer_,
     handoff_unsupported_reason,
     unscale_and_clip_,
@@ -331,19 +330,19 @@ def test_skip_needs_an_optimizer_that_can_skip():
 
 
 @pytest.mark.parametrize("opt_name", ["adamw-foreach", "adamw-fused"])
-def test_optimizer_clipper_skip(backend, opt_name):
-    """OptimizerClipper handles skip for any optimizer (a host read in step() where it must)."""
+def test_clipper_skip(backend, opt_name):
+    """gradfuse.Clipper handles skip for any optimizer (a host read in its step where it must)."""
     clippers = {}
 
     def gf(model, opt, scaler, i):
-        c = clippers.setdefault(id(opt), OptimizerClipper(opt, MAX_NORM, nonfinite="skip", backend=backend))
+        c = clippers.setdefault(id(opt), gradfuse.Clipper(model, opt, MAX_NORM, nonfinite="skip", backend=backend))
         syncs = SyncCounter()
         with syncs:
             c.clip()
         assert syncs.count == 0
         with syncs:
-            c.step()
-        if opt_name == "adamw-fused":  # skipped on the device; the other reads found_inf once
+            c.optimizer_step()
+        if opt_name == "adamw-fused":  # skipped on the device (the other reads found_inf once, and torch's step reads more)
             assert syncs.count == 0
 
     ref, _, _ = _train(opt_name, _ref_skip, bad_steps=BAD)
@@ -399,7 +398,8 @@ def test_nonfinite_counter_counts(backend):
         opt.zero_grad()
         if i == 9:
             assert int(counter.consecutive_nonfinite) == 3
-    assert counter.as_dict() == {"steps": 12, "nonfinite_steps": 4, "clipped_steps": clipped, "consecutive_nonfinite": 0}
+    counts = {"steps": 12, "nonfinite_steps": 4, "clipped_steps": clipped, "consecutive_nonfinite": 0}
+    assert counter.as_dict() == counts | {"spike_steps": 0, "skipped_steps": 0, "consecutive_bad": 0}
     assert 0 < clipped < 8
     state = counter.state_dict()
     other = NonFiniteCounter()
@@ -443,14 +443,14 @@ def test_no_host_sync_under_grad_scaler(backend, opt_name):
     model = _model()
     opt = OPTIMIZERS[opt_name](model.parameters())
     scaler = torch.amp.GradScaler("cpu")
-    clipper = OptimizerClipper(opt, MAX_NORM, scaler=scaler, backend=backend)
+    clipper = gradfuse.Clipper(model, opt, MAX_NORM, scaler=scaler, backend=backend)
     for i in range(3):
         scaler.scale(F.mse_loss(model(X[i]), Y[i])).backward()
         syncs = SyncCounter()
         with syncs:
             clipper.clip()
         assert syncs.count == 0
-        clipper.step()
+        clipper.optimizer_step()
         scaler.update()
         opt.zero_grad()
 
@@ -516,12 +516,11 @@ def test_grad_scaler_matches_torch(backend, opt_name, handoff, nonfinite):
 
 
 @pytest.mark.parametrize("opt_name", ["adamw-fused", "adamw-foreach"])
-def test_grad_scaler_via_optimizer_clipper_and_scaler_argument(backend, opt_name):
+def test_grad_scaler_via_clipper_and_scaler_argument(backend, opt_name):
     clippers = {}
 
     def via_clipper(model, opt, scaler, i):
-        c = clippers.setdefault(id(opt), OptimizerClipper(opt, MAX_NORM, scaler=scaler, backend=backend))
-        c.clip()
+        c = clippers.setdefault(id(opt), gradfuse.Clipper(model, opt, MAX_NORM, nonfinite="propagate", scaler=scaler, backend=backend))
         c.step()
         scaler.update()
 
@@ -689,7 +688,8 @@ def test_compile_fullgraph_training_step(backend):
     for (pa, na), (pb, nb) in zip(eager, compiled):
         torch.testing.assert_close(pb, pa, **TOL)
         torch.testing.assert_close(nb, na, **TOL)
-    assert eager_counts == compiled_counts == {"steps": 5, "nonfinite_steps": 1, "clipped_steps": 4, "consecutive_nonfinite": 0}
+    counts = {"steps": 5, "nonfinite_steps": 1, "clipped_steps": 4, "consecutive_nonfinite": 0}
+    assert eager_counts == compiled_counts == counts | {"spike_steps": 0, "skipped_steps": 0, "consecutive_bad": 0}
 
 
 @pytest.mark.parametrize("mode", ["handoff", "grad_scaler"])
