@@ -97,7 +97,8 @@ class Clip:
             setattr(d, name, buf.data_ptr())
         d.num_tensors, d.num_chunks, d.chunk_size = T, C, chunk_size
 
-    def reduce(self, kind, p=None, max_norm=1.0, *, max_norm_tensor=None, inv_scale=None, policy=PROPAGATE, write_scales=False):
+    def reduce(self, kind, p=None, max_norm=1.0, *, max_norm_tensor=None, inv_scale=None, policy=PROPAGATE,
+               write_scales=False):  # fmt: skip
         d = self.desc
         d.norm_kind, d.p = kind, float(ORDER[kind] if p is None else p)
         d.max_norm, d.max_norm_ptr = float(max_norm), 0 if max_norm_tensor is None else max_norm_tensor.data_ptr()
@@ -222,7 +223,8 @@ def check(out: dict, ref: dict, kind, *, write_scales=False) -> None:
     close(out["tensor_partials"], ref["tensor_partials"], rtol, "tensor_partials (S_t)")
     close(out["tensor_norms"], f32(ref["tensor_norms"]), rtol + 2**-23, "tensor_norms", 2**-149)
     same_values(out["tensor_max_abs"], ref["tensor_max_abs"], "tensor_max_abs")
-    assert torch.equal(out["tensor_counts"], ref["tensor_counts"]), f"tensor_counts {out['tensor_counts']} vs {ref['tensor_counts']}"
+    counts, want = out["tensor_counts"], ref["tensor_counts"]
+    assert torch.equal(counts, want), f"tensor_counts {counts.tolist()} vs {want.tolist()}"
     close(r[_abi.RESULT_TOTAL], f32(ref["total"]), rtol + 2**-23, "total", 2**-149)
     assert float(r[_abi.RESULT_FOUND_INF]) == float(ref["found_inf"])
     close(r[_abi.RESULT_COEF], f32(ref["coef"]), 2 * rtol + 2**-22, "coef", 2**-149)
@@ -365,7 +367,8 @@ def test_nonfinite_counts_max_abs_and_policies(kind, policy):
 
 # ---- scale ----------------------------------------------------------------------------------------
 def scale_grads() -> list[torch.Tensor]:
-    return [randn(5000, seed=17), view(3001, 3, torch.float16, seed=18), view(2999, 1, torch.bfloat16, seed=19), randn(9, seed=20)]
+    return [randn(5000, seed=17), view(3001, 3, torch.float16, seed=18), view(2999, 1, torch.bfloat16, seed=19),
+            randn(9, seed=20)]  # fmt: skip
 
 
 @pytest.mark.parametrize("s", [0.3, 1.0, 0.0, float("nan"), 7.5])

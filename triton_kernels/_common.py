@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+from triton.runtime.interpreter import InterpretedFunction
 
 from gradfuse import _abi
 
@@ -38,7 +39,6 @@ DTYPE_F16 = tl.constexpr(_abi.DTYPE_F16)
 POLICY_PROPAGATE = tl.constexpr(_abi.POLICY_PROPAGATE)
 POLICY_SKIP = tl.constexpr(_abi.POLICY_SKIP)
 POLICY_ZERO = tl.constexpr(_abi.POLICY_ZERO)
-
 
 RESULT_TOTAL = tl.constexpr(_abi.RESULT_TOTAL)
 RESULT_FOUND_INF = tl.constexpr(_abi.RESULT_FOUND_INF)
@@ -83,23 +83,14 @@ def pow_abs(x, y):
     return libdevice.pow(tl.abs(x), y)
 
 
-def interpreting(kernel) -> bool:
-    """Whether ``kernel`` (a @triton.jit object) runs in Triton's interpreter."""
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover - every supported triton has it
-        return False
-    return isinstance(kernel, InterpretedFunction)
-
-
 #: The kernels were built by Triton's interpreter (TRITON_INTERPRET=1 when triton decorated them):
 #: they run on CPU tensors only; otherwise on CUDA tensors only.
-INTERPRETED = interpreting(load_f32)
+INTERPRETED = isinstance(load_f32, InterpretedFunction)
 
 
 def annotated(kernel):
     """Decorates a kernel whose scalar parameters are typed by annotations (``addr: tl.int64``,
-    ``p: tl.float64``): Triton's GPU build honours them as they are."""
+    ``p: tl.float64``): Triton's GPU build honours them as they are (its interpreter does not)."""
     return kernel
 
 

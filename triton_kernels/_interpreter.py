@@ -82,7 +82,8 @@ class annotated:  # noqa: N801 - stands in for the decorator of the same name in
 
     def __init__(self, kernel):
         self.kernel = kernel
-        self._types = [_SCALARS.get(_normalize_ty(p.annotation)) for p in inspect.signature(kernel.fn).parameters.values()]
+        params = inspect.signature(kernel.fn).parameters.values()
+        self._types = [_SCALARS.get(_normalize_ty(p.annotation)) for p in params]
 
     def __getitem__(self, grid):
         launch = self.kernel[grid]
@@ -99,7 +100,8 @@ def _scalar(value, np_dtype, tl_dtype):
 
 
 def _like(x, data):
-    return tl.tensor(TensorHandle(np.ascontiguousarray(data), x.handle.dtype), x.type)
+    """A block of x's dtype holding ``data``."""
+    return tl.tensor(TensorHandle(np.ascontiguousarray(data), x.handle.dtype), tl.block_type(x.type.scalar, list(data.shape)))
 
 
 def _results(out) -> list:
@@ -116,7 +118,9 @@ def block_reduce(input, axis, combine_fn):
         a = [_like(x, x.handle.data[:half]) for x in xs]
         b = [_like(x, x.handle.data[half : 2 * half]) for x in xs]
         paired = _results(combine_fn(*a, *b))
-        xs = [_like(x, np.concatenate([p.handle.data, x.handle.data[2 * half :]])) if odd else p for x, p in zip(xs, paired)]
+        if odd:  # the last element waits for the next round
+            paired = [_like(x, np.concatenate([p.handle.data, x.handle.data[-1:]])) for x, p in zip(xs, paired)]
+        xs = paired
     scalars = [tl.tensor(TensorHandle(x.handle.data[:1].copy(), x.handle.dtype), x.dtype) for x in xs]
     return scalars[0] if isinstance(input, tl.tensor) else tuple(scalars)
 

@@ -52,17 +52,20 @@ from ._common import (
 from ._finalize import finalize
 from ._norm_kinds import NORM_KINDS
 
-# ---- tunables (measured on an H200: benchmarks/NOTES.md) -----------------------------------------
+# ---- tunables (CHUNK_SIZE, BLOCK, NUM_WARPS: measured on an H200, benchmarks/NOTES.md) ------------
 CHUNK_SIZE = 1 << 16  # elements per chunk (one program); the plan is built with it
 BLOCK = 2048  # elements per vector access (BLOCK / (32 * NUM_WARPS) per thread)
 UNROLL_32 = 2  # vector accesses in flight per step of the body loop, fp32 gradients
 UNROLL_16 = 4  # the same for fp16 / bf16 gradients (same bytes in flight)
 NUM_WARPS = 8  # warps per program of the reduce kernel
 FINAL_BLOCK = 512  # chunks per step of the finalize scan (run by the last program)
-# Registers per thread: 80 lets 3 programs of 8 warps share an SM (65536 registers). The chunk
-# loop needs ~62 (ptxas, sm_90); the finalize, run by one program per call, spills what it needs
-# beyond. NORM_P's powf needs ~116 in the loop itself and runs uncapped (2 programs per SM).
+# Registers per thread: 80 lets 3 programs of 8 warps share an SM (65536 registers), as the measured
+# v1 kernel had (72). ptxas (sm_90) gives the chunk loop ~62; the v2 finalize, run by one program
+# per call, would take ~106 and spills the excess instead. NORM_P (powf, compute-bound): 128, 2
+# programs per SM, one reload from L1 per loop step (uncapped, Triton 3.6 takes 172: 1 per SM).
+# Not yet measured on a GPU.
 MAX_REGISTERS = 80
+MAX_REGISTERS_POW = 128
 
 
 # ---- the fast path ------------------------------------------------------------------------------
@@ -314,7 +317,7 @@ def config(norm_kind: int, write_scales: bool) -> dict:
         UNROLL_16=UNROLL_16,
         FINAL_BLOCK=FINAL_BLOCK,
         num_warps=NUM_WARPS,
-        maxnreg=None if norm_kind == _abi.NORM_P else MAX_REGISTERS,
+        maxnreg=MAX_REGISTERS_POW if norm_kind == _abi.NORM_P else MAX_REGISTERS,
         enable_fp_fusion=True,  # acc + x * x as one fma (explicit: Triton 3.10 changes the default)
     )
 
