@@ -63,7 +63,7 @@ class BuildExt(build_ext):
         for src in cu_sources:
             obj = build_temp / (Path(src).stem + ".cu.o")
             cmd = [
-                nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17",
+                nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", f"-I{ROOT / 'csrc'}",
                 "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden", "-lineinfo",
                 *cuda_arch_flags(),
             ]  # fmt: skip
@@ -72,7 +72,7 @@ class BuildExt(build_ext):
             objects.append(str(obj))
         ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
         # The .cu objects arrive as extra_objects, which the up-to-date check ignores.
-        ext.depends = list(ext.depends or []) + cu_sources + [str(p) for p in Path(cu_sources[0]).parent.glob("*.h")]
+        ext.depends = list(ext.depends or []) + cu_sources
         ext.extra_objects = list(ext.extra_objects or []) + objects
         cuda_lib = Path(nvcc).resolve().parent.parent / "lib64"
         if not cuda_lib.exists():
@@ -104,13 +104,15 @@ def extensions():
         cuda_dir = ROOT / "csrc" / "cuda"
         sources = sorted(str(p.relative_to(ROOT)) for p in cuda_dir.glob("*.cpp"))
         sources += sorted(str(p.relative_to(ROOT)) for p in cuda_dir.glob("*.cu"))
+        headers = sorted(str(p.relative_to(ROOT)) for pattern in ("*.h", "*.cuh") for p in cuda_dir.glob(pattern))
         include = Path(nvcc).resolve().parent.parent / "include"
         exts.append(
             Pybind11Extension(
                 "gradfuse._C_cuda",
                 sources,
+                depends=headers + [ABI_HEADER],
                 cxx_std=17,
-                include_dirs=[str(include)],
+                include_dirs=["csrc", str(include)],  # gradfuse_abi.h, generated from gradfuse/_abi.py
                 extra_compile_args=["-O3", "-fvisibility=hidden"],
             )
         )

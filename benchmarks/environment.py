@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime
 import importlib
+import math
 import os
 import platform
 import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -20,14 +22,21 @@ CPU_CACHE_CAP_BYTES = 32 << 20
 DEFAULT_CACHE_BYTES = 64 << 20
 
 
+class SetupError(Exception):
+    """The run cannot start as asked (bad device, unknown workload, gradfuse missing): exit status 2."""
+
+
 def pick_device(requested: str | None) -> torch.device:
     """``requested`` ("cpu", "cuda", "cuda:1"), else cuda when available, else cpu."""
     if requested:
-        device = torch.device(requested)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit(f"benchmarks: --device {requested} but torch sees no CUDA device")
+        try:
+            device = torch.device(requested)
+        except RuntimeError as e:
+            raise SetupError(f"--device {requested}: {e}") from None
         if device.type not in ("cpu", "cuda"):
-            raise SystemExit(f"benchmarks: --device must be cpu or cuda, not {requested}")
+            raise SetupError(f"--device must be cpu or cuda, not {requested}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SetupError(f"--device {requested} but torch sees no CUDA device")
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and device.index is None:
@@ -85,6 +94,44 @@ def cache_bytes(device: torch.device) -> int:
         return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or DEFAULT_CACHE_BYTES)
     size = _sysfs_cache_bytes() or DEFAULT_CACHE_BYTES
     return min(size, CPU_CACHE_CAP_BYTES)
+
+
+def _cpu_times() -> tuple[int, int, int]:
+    """(all jiffies, idle jiffies, online CPUs) from /proc/stat."""
+    lines = Path("/proc/stat").read_text().splitlines()
+    values = [int(v) for v in lines[0].split()[1:9]]  # user nice system idle iowait irq softirq steal
+    cpus = sum(1 for line in lines if re.match(r"cpu\d", line))
+    return sum(values), values[3] + values[4], cpus
+
+
+def busy_cores(sample_s: float = 0.3) -> tuple[float, int] | None:
+    """(cores other processes kept busy over ``sample_s``, online CPUs), or None where unknown.
+    This process sleeps meanwhile, so what is counted is the rest of the machine."""
+    try:
+        total0, idle0, cpus = _cpu_times()
+        time.sleep(sample_s)
+        total1, idle1, _ = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = total1 - total0
+    return (cpus * (total - (idle1 - idle0)) / total, cpus) if total > 0 else None
+
+
+def free_threads(current: int) -> tuple[int, str | None]:
+    """torch CPU threads to use from now on: ``current``, or fewer when other processes keep cores
+    busy (threads that share a core with other work wait on each other at every parallel region:
+    calls of milliseconds then take hundreds). Returns the count and, when lowered, why."""
+    sample = busy_cores()
+    if sample is None:
+        return current, None
+    busy, cpus = sample
+    threads = max(1, min(current, math.floor(cpus - busy + 0.5)))
+    if threads == current:
+        return current, None
+    return threads, (
+        f"{busy:.1f} of {cpus} cores busy with other processes: {threads} torch thread{'s' * (threads != 1)} "
+        f"instead of {current}, so that no thread waits for a shared core (--threads N fixes the count)"
+    )
 
 
 def module_version(name: str) -> str | None:

@@ -2,14 +2,14 @@
 # One GPU validation round from a source checkout, in as few commands as a borrowed GPU allows:
 # build the CUDA module for the GPU at hand, run the GPU tests, run the benchmark suite.
 #
-#   benchmarks/gpu_round.sh OUT_DIR [build,tests,bench] [WORKLOADS_DIR]
+#   benchmarks/gpu_round.sh OUT_DIR [build,tests,bench] [EXTRA_WORKLOADS_DIR]
 #
 # Stages default to all three; name a subset to split a round over several calls (the build stays
 # in the checkout). Everything lands in OUT_DIR: env.log, build.log, pytest-gpu.log (+ junit XML),
 # bench.log and <device-kind>.json/.png. Exits non-zero when a stage fails; later stages still run
 # so that one call brings back as much as it can.
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_round.sh OUT_DIR [build,tests,bench] [WORKLOADS_DIR]}
+out=${1:?usage: benchmarks/gpu_round.sh OUT_DIR [build,tests,bench] [EXTRA_WORKLOADS_DIR]}
 stages=${2:-build,tests,bench}
 workloads=${3:-}
 cd "$(dirname "$0")/.."

@@ -1,7 +1,7 @@
-"""Outputs: a progress bar while running, the terminal table, the JSON file and the PNG plot.
+"""Outputs: a progress bar while running, the summary and the full table, the JSON file and the PNG.
 
-tqdm and matplotlib are optional: without them the progress is printed line by line and the plot
-is skipped with a note.
+Every line printed is at most ``WIDTH`` characters. tqdm and matplotlib are optional: without them
+the progress is printed line by line and the plot is skipped with a note.
 """
 
 from __future__ import annotations
@@ -9,43 +9,84 @@ from __future__ import annotations
 import json
 import math
 import sys
+import textwrap
 from pathlib import Path
 
 from .rows import OK, Row
+from .scenarios import BASELINE, SCENARIOS
 from .workloads import Workload
 
 SCHEMA = "gradfuse-benchmarks/1"
+WIDTH = 120
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
 
 
 class Progress:
-    """A tqdm bar on stderr, or one printed line per cell when tqdm is missing."""
+    """Progress on stderr whose fraction and ETA count the cells' estimated seconds, scaled by the
+    pace of the cells done so far (``schedule.Clock``): a tqdm bar on a terminal, else (a log, a
+    pipe, no tqdm) one line every ``LINE_EVERY_S`` seconds."""
+
+    LINE_EVERY_S = 10.0
 
     def __init__(self, enabled: bool = True):
         self._enabled = enabled
         self._bar = None
+        self._cells = 0
         self._done = 0
-        self._total = 0
+        self._remaining_s = 0.0
+        self._total_s = 0.0
+        self._clock = None
+        self._last_line = -math.inf
 
-    def start(self, total: int) -> None:
-        self._total = total
-        if not self._enabled:
+    def start(self, cells, clock) -> None:
+        self._cells, self._clock = len(cells), clock
+        self._remaining_s = self._total_s = sum(c.estimate_s for c in cells)
+        if not self._enabled or not sys.stderr.isatty():
             return
         try:
             from tqdm import tqdm
         except ImportError:
             return
-        self._bar = tqdm(total=total, unit="cell", file=sys.stderr, dynamic_ncols=True, leave=False)
+        self._bar = tqdm(
+            total=max(self._total_s, 1e-9), file=sys.stderr, leave=False, ncols=WIDTH,
+            bar_format="{desc}{percentage:3.0f}%|{bar}| {postfix[0]}", postfix=[self._status()],
+        )  # fmt: skip
+
+    def eta_s(self) -> float:
+        return self._clock.pace * self._remaining_s if self._clock else 0.0
+
+    def _status(self) -> str:
+        elapsed = self._clock.elapsed_s if self._clock else 0.0
+        return f"{self._done}/{self._cells} cells, {_duration(elapsed)} elapsed, ETA {_duration(self.eta_s())}"
 
     def label(self, text: str) -> None:
         if self._bar is not None:
-            self._bar.set_description(text, refresh=True)
-        elif self._enabled:
-            print(f"[{self._done + 1}/{self._total}] {text}", file=sys.stderr, flush=True)
+            self._bar.set_description_str(f"{text[:44]:<44} ", refresh=False)
+            self._bar.postfix[0] = self._status()  # a list, so that tqdm adds no ", " before it
+            self._bar.refresh()
+        elif self._enabled and self._clock is not None and self._clock.elapsed_s - self._last_line >= self.LINE_EVERY_S:
+            self._last_line = self._clock.elapsed_s
+            done = 1 - self._remaining_s / self._total_s if self._total_s else 1.0
+            print(f"[{100 * done:3.0f}% {self._status()}] {text}", file=sys.stderr, flush=True)
 
-    def advance(self) -> None:
+    def advance(self, cell, wall_s: float | None) -> None:
+        """``cell`` is done (``wall_s`` None: skipped without running, its estimate leaves the plan)."""
         self._done += 1
-        if self._bar is not None:
-            self._bar.update(1)
+        self._remaining_s = max(0.0, self._remaining_s - cell.estimate_s)
+        if wall_s is None:
+            self._total_s -= cell.estimate_s
+        if self._bar is None:
+            return
+        self._bar.postfix[0] = self._status()
+        if wall_s is None:
+            self._bar.total = max(self._total_s, self._bar.n, 1e-9)
+            self._bar.refresh()
+        else:
+            self._bar.update(cell.estimate_s)
 
     def write(self, message: str) -> None:
         if self._bar is not None:
@@ -59,25 +100,10 @@ class Progress:
             self._bar = None
 
 
-# --------------------------------------------------------------------------------------------------
-# Terminal table
-
-_COLUMNS = (
-    ("workload", "<"),
-    ("dtype", "<"),
-    ("scenario", "<"),
-    ("impl", "<"),
-    ("median ms", ">"),
-    ("iqr ms", ">"),
-    ("min ms", ">"),
-    ("GB/s", ">"),
-    ("%copy", ">"),
-    ("x foreach", ">"),
-    ("launch", ">"),
-    ("sync", ">"),
-    ("norm err", ">"),
-    ("note", "<"),
-)
+def wrap(text: str, first: str = "", rest: str | None = None) -> list[str]:
+    """``text`` in lines of at most WIDTH characters, the first prefixed by ``first``."""
+    rest = " " * len(first) if rest is None else rest
+    return textwrap.wrap(text, WIDTH, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False) or [first]
 
 
 def _num(x: float | None, digits: int = 3) -> str:
@@ -88,55 +114,167 @@ def _num(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}g}" if x < 1 else f"{x:.{digits - 1}f}" if x < 10 else f"{x:.1f}"
 
 
-def _cells(r: Row) -> list[str]:
+def _align(lines: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(line[c]) for line in lines if line) for c in range(len(lines[0]))]
+    out = []
+    for line in lines:
+        if not line:
+            out.append("")
+            continue
+        cells = [f"{v:>{w}}" if c in right else f"{v:<{w}}" for c, (v, w) in enumerate(zip(line, widths))]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The summary: a few lines a person reads first
+
+# The scenarios the summary shows, most telling first; as many as fit the width.
+SUMMARY_SCENARIOS = ("clip", "noclip", "fused-optimizer", "norm")
+SUMMARY_TITLES = {
+    "clip": "clip (norm + scale)",
+    "noclip": "no clip needed",
+    "fused-optimizer": "+ fused AdamW step",
+    "norm": "norm only",
+}
+
+
+def headline_impl(rows: list[Row]) -> str | None:
+    """The gradfuse contender the summary shows: the first fused backend run (auto's choice), else
+    gradfuse's torch path."""
+    names = list(dict.fromkeys(r.impl for r in rows if r.impl.startswith("gradfuse:")))
+    fused = [n for n in names if n != "gradfuse:torch"]
+    return (fused or names or [None])[0]
+
+
+def _summary_cells(rows: dict, key: tuple, impl: str) -> list[str]:
+    """gradfuse ms, torch ms, speed-up and %BW of one (workload, dtype, scenario); for the fused
+    optimizer, the ms each clip adds to the step alone and their ratio."""
+    optimizer = SCENARIOS[key[2]].steps_optimizer
+    width = 3 if optimizer else 4
+    ours, base = rows.get((*key, impl)), rows.get((*key, BASELINE.name))
+    if ours is None or base is None:
+        return ["-"] * width
+    for r in (ours, base):
+        if r.status != OK:  # noisy, skipped, wrong: no figure
+            return [r.status, "", ""] + [""] * (width - 3)
+    if optimizer:
+        if ours.overhead_ms is None or base.overhead_ms is None:
+            return ["noise", "", ""]
+        return [_num(ours.overhead_ms), _num(base.overhead_ms), f"{base.overhead_ms / ours.overhead_ms:.2f}x"]
+    bw = f"{100 * ours.copy_fraction:.0f}%" if ours.copy_fraction is not None else "-"
+    return [_num(ours.median_ms), _num(base.median_ms), f"{ours.speedup_vs_baseline:.2f}x", bw]
+
+
+def format_summary(rows: list[Row], copy_gbps: float, meta: dict, workloads: list[Workload]) -> list[str]:
+    impl = headline_impl(rows)
+    if impl is None:
+        return ["no gradfuse result to summarise (see the notes)"]
+    by_key = {(r.workload, r.dtype, r.scenario, r.impl): r for r in rows}
+    present = {r.scenario for r in rows}
+    scenarios = [s for s in SUMMARY_SCENARIOS if s in present]
+    groups = list(dict.fromkeys((r.workload, r.dtype) for r in rows))
+    sizes = {w.name: w for w in workloads}
+    for n in range(len(scenarios), 0, -1):  # as many scenarios as fit the width
+        shown = scenarios[:n]
+        header = ["workload", "elements", "dtype"]
+        for s in shown:
+            header += ["gradfuse", "torch", "speed-up"] + ([] if SCENARIOS[s].steps_optimizer else ["%BW"])
+        table = [header] + [
+            [w, _count(sizes[w].numel) if w in sizes else "-", d, *(c for s in shown for c in _summary_cells(by_key, (w, d, s), impl))]
+            for w, d in groups
+        ]
+        lines = _align(table, right=set(range(1, len(header))) - {2})
+        titles = _titles(lines[0], header, shown)
+        if max(len(titles), *map(len, lines)) <= WIDTH:
+            break
+    counts = sorted({r.threads for r in rows if r.threads}, reverse=True) or [meta["cpu_threads"]]
+    threads = " then ".join(map(str, counts))
+    text = (
+        f"{impl} against torch.nn.utils.clip_grad_norm_(foreach=True) on {meta['device']} (torch {meta['torch']}, "
+        f"{threads} CPU thread{'s' * (counts != [1])}): median ms per call, speed-up, and %BW: the bytes the call must "
+        f"move per second as a share of this machine's copy bandwidth, {copy_gbps:.1f} GB/s."
+    )
+    if any(w.numel != w.full_numel for w in workloads):
+        text += " Workloads shrunk to the elements shown (every first dimension scaled, tensors kept; --scale 1: full size)."
+    return wrap(text) + ["", titles] + lines
+
+
+def _titles(header_line: str, header: list[str], shown: list[str]) -> str:
+    """The scenario titles, each starting above its first sub-column of the aligned header line."""
+    starts, pos = [], 0
+    for cell in header:  # the aligned header line holds the cells in order, separated by spaces
+        pos = header_line.index(cell, pos)
+        starts.append(pos)
+        pos += len(cell)
+    out, col = "", 3
+    for s in shown:
+        out = f"{out:<{starts[col]}}{SUMMARY_TITLES[s]}"
+        col += 3 if SCENARIOS[s].steps_optimizer else 4
+    return out
+
+
+def _count(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+# --------------------------------------------------------------------------------------------------
+# The full table (--full)
+
+_COLUMNS = ("workload", "dtype", "scenario", "impl", "median ms", "iqr ms", "GB/s", "%copy", "x torch", "launch", "sync", "norm err", "")
+_RIGHT = set(range(4, 12))
+
+
+def _row_cells(r: Row, footnote) -> list[str]:
     t = r.time or {}
     note = r.note if r.status == OK else f"{r.status.upper()}: {r.note}"
     if r.overhead_ms is not None:
         note = f"clip overhead {_num(r.overhead_ms)} ms" + (f"; {note}" if note else "")
     if r.compile_s is not None:
         note = f"compile {r.compile_s:.0f} s" + (f"; {note}" if note else "")
+    figures = r.status == OK  # a noisy, skipped or wrong row has no figure
     err = (r.check or {}).get("norm_rel_err")
     return [
-        r.workload,
-        r.dtype,
-        r.scenario,
-        r.impl,
-        _num(t.get("median_ms")),
-        _num(t.get("iqr_ms")),
-        _num(t.get("min_ms")),
-        _num(r.gbps),
-        f"{100 * r.copy_fraction:.0f}%" if r.copy_fraction is not None else "-",
+        r.workload, r.dtype, r.scenario, r.impl,
+        _num(t.get("median_ms")) if figures else r.status, _num(t.get("iqr_ms")) if figures else "-",
+        _num(r.gbps), f"{100 * r.copy_fraction:.0f}%" if r.copy_fraction is not None else "-",
         _num(r.speedup_vs_baseline),
         "-" if r.launches_per_call is None else str(r.launches_per_call),
         "-" if r.syncs_per_call is None else str(r.syncs_per_call),
         "-" if err is None else f"{err:.0e}",
-        note,
-    ]
+        footnote(note) if note else "",
+    ]  # fmt: skip
 
 
-def format_table(rows: list[Row]) -> str:
-    """One line per row; the workload, dtype and scenario are printed only when they change."""
-    lines = [[name for name, _ in _COLUMNS]]
+def format_table(rows: list[Row]) -> list[str]:
+    """One line per row (workload, dtype and scenario printed when they change); notes become
+    numbered footnotes below, so that no line passes WIDTH. Columns empty in every row are left out."""
+    notes: dict[str, int] = {}
+
+    def footnote(text: str) -> str:
+        return f"[{notes.setdefault(text, len(notes) + 1)}]"
+
+    lines: list[list[str] | None] = [list(_COLUMNS)]
     previous = None
     for r in rows:
-        cells = _cells(r)
+        cells = _row_cells(r, footnote)
         if previous is not None:
             if r.key[:2] != previous[:2]:
-                lines.append(None)  # blank line between (workload, dtype) groups
+                lines.append(None)
             for k in range(3):
                 if r.key[: k + 1] == previous[: k + 1]:
                     cells[k] = ""
         previous = r.key
         lines.append(cells)
-    widths = [max(len(line[c]) for line in lines if line) for c in range(len(_COLUMNS) - 1)]
-    out = []
-    for line in lines:
-        if line is None:
-            out.append("")
-            continue
-        body = "  ".join(f"{v:{align}{w}}" for v, w, (_, align) in zip(line, widths, _COLUMNS))
-        out.append(f"{body}  {line[-1]}".rstrip())
-    return "\n".join(out)
+    keep = [c for c in range(len(_COLUMNS)) if c < 4 or any(line[c] not in ("", "-") for line in lines[1:] if line)]
+    table = [[line[c] for c in keep] if line else None for line in lines]
+    out = _align(table, right={i for i, c in enumerate(keep) if c in _RIGHT})
+    for text, n in notes.items():
+        out += wrap(text, f"[{n}] ")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

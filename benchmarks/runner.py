@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from . import correctness, timing
-from .rows import ERROR, OK, SKIPPED, WRONG, Row, derive_figures
+from . import correctness, environment, timing
+from .rows import ERROR, NOISY, OK, SKIPPED, WRONG, Row, derive_figures
 from .scenarios import (
     ADAMW_STEP_ONLY,
     TORCH_COMPILE,
@@ -24,7 +25,12 @@ from .scenarios import (
     prepare,
     returned_norm,
 )
+from .schedule import COMPILE_FIRST_S, Cell, Clock, estimate_cells
 from .workloads import GradGroup, Workload, make_grad_group, nbytes, rotation_count, tensor_dtypes
+
+# A timing whose interquartile range exceeds its median says nothing: measured again up to this
+# many times (the steadiest try kept), then flagged as noisy instead of reported.
+NOISE_RETRIES = 2
 
 
 @dataclass
@@ -46,9 +52,9 @@ class CompilePolicy:
             and (self.max_tensors is None or workload.num_tensors <= self.max_tensors)
         )
 
-    @property
-    def exhausted(self) -> bool:
-        return self.budget_s is not None and self.spent_s >= self.budget_s
+    def would_exceed(self, estimate_s: float) -> bool:
+        """Whether a compile of about ``estimate_s`` would take the compiling past the budget."""
+        return self.budget_s is not None and self.spent_s + estimate_s > self.budget_s
 
     def describe(self) -> str:
         if not self.enabled:
@@ -76,6 +82,8 @@ class Settings:
     cache_bytes: int  # the rotation of gradient sets spans 3x this; 0: no rotation
     copy_bytes: int
     copy_repeat: timing.RepeatPolicy
+    clock: Clock = field(default_factory=lambda: Clock(None))  # the run's time budget
+    adapt_threads: bool = False  # before each gradient group, lower torch's CPU threads if cores are taken
 
 
 @dataclass
@@ -85,6 +93,7 @@ class SuiteRun:
     notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     copy_bandwidth: dict | None = None
+    hurried: bool = False  # behind the time budget: the cells left take the fewest timed calls
 
 
 def implementations(device: torch.device, gradfuse, impl_filter: set[str] | None, notes: list[str]) -> list[Impl]:
@@ -101,14 +110,18 @@ def implementations(device: torch.device, gradfuse, impl_filter: set[str] | None
     return [ADAMW_STEP_ONLY, *impls]  # the step alone is needed for every fused-optimizer overhead
 
 
-def count_cells(settings: Settings, impls: list[Impl]) -> int:
-    return sum(
-        _takes_part(impl, w, d, s, settings.compile)
+def plan_cells(settings: Settings, impls: list[Impl]) -> list[Cell]:
+    """Every cell of the run, grouped by (workload, dtype set); the compile cells come last, so that
+    the budget decides on them (a compile cannot be interrupted) with the real time left."""
+    cells = [
+        Cell(w, d, s, impl)
         for w in settings.workloads
         for d in settings.dtype_sets
         for s in settings.scenarios
         for impl in impls
-    )
+        if _takes_part(impl, w, d, s, settings.compile)
+    ]
+    return [c for c in cells if not c.impl.compiled] + [c for c in cells if c.impl.compiled]
 
 
 def _takes_part(impl: Impl, w: Workload, dtype_set: str, scenario: Scenario, policy: CompilePolicy) -> bool:
@@ -127,41 +140,63 @@ def run_suite(settings: Settings, gradfuse, progress) -> SuiteRun:
     run = SuiteRun()
     device = settings.device
     impls = implementations(device, gradfuse, settings.impl_filter, run.notes)
-    progress.start(count_cells(settings, impls))
+    if settings.adapt_threads:
+        _adapt_threads(run, "the start")
     copy_before = timing.copy_bandwidth(device, settings.copy_bytes, settings.copy_repeat)
     if any(i.compiled for i in impls):
         run.notes.append(settings.compile.describe() + ("" if settings.compile.enabled else " (--compile on/auto to include it)"))
-
-    for w in settings.workloads:
-        for dtype_set in settings.dtype_sets:
-            set_bytes = nbytes(w, tensor_dtypes(w, dtype_set))
-            count = rotation_count(set_bytes, settings.cache_bytes) if settings.cache_bytes else 1
-            try:
-                group = make_grad_group(w, dtype_set, device, count)
-            except torch.OutOfMemoryError:
-                run.notes.append(f"{w.name}/{dtype_set}: {count} gradient sets of {set_bytes / 1e9:.2f} GB do not fit; skipped")
-                _free(device)
+    cells = plan_cells(settings, impls)
+    estimate_cells(cells, copy_before["gbps"], settings.repeat, settings.cache_bytes, cuda=device.type == "cuda")
+    progress.start(cells, settings.clock)
+    remaining = sum(c.estimate_s for c in cells)
+    for (_, dtype_set), group_cells in itertools.groupby(cells, key=lambda c: (c.workload.name, c.dtype_set)):
+        group_cells = list(group_cells)
+        w = group_cells[0].workload
+        if settings.adapt_threads:
+            _adapt_threads(run, f"{w.name} {dtype_set}")
+        group = None if settings.clock.past_budget() else _make_group(settings, w, dtype_set, run)
+        for cell in group_cells:
+            remaining -= cell.estimate_s
+            if settings.clock.past_budget():
+                run.rows.append(_not_run(cell, f"not run: past the run's time budget of {settings.clock.budget_s:.0f} s"))
+            if group is None or settings.clock.past_budget():
+                progress.advance(cell, None)
                 continue
-            run.groups.append(
-                {"workload": w.name, "dtype": dtype_set, "bytes": group.nbytes, "rotation_sets": count, "norms": group.norms}
-            )
-            for scenario in settings.scenarios:
-                max_norm = max_norm_for(scenario, group)
-                for impl in impls:
-                    if not _takes_part(impl, w, dtype_set, scenario, settings.compile):
-                        continue
-                    progress.label(f"{w.name} {dtype_set} {scenario.name} {impl.name}")
-                    row = run_cell(settings, group, scenario, impl, max_norm, gradfuse)
-                    run.rows.append(row)
-                    if impl.is_gradfuse and row.status in (WRONG, ERROR):
-                        message = f"{impl.name} on {w.name}/{dtype_set}/{scenario.name}: {row.note}"
-                        run.failures.append(message)
-                        progress.write(("WRONG RESULT: " if row.status == WRONG else "ERROR: ") + message)
-                    progress.advance()
-            del group
-            _free(device)
-    copy_after = timing.copy_bandwidth(device, settings.copy_bytes, settings.copy_repeat)
-    # Measured before and after the cells; the better one is the reference (a busy moment only slows).
+            _run_scheduled(settings, run, group, cell, gradfuse, progress, remaining)
+        del group
+        _free(device)
+    _copy_bandwidth_after(settings, run, copy_before)
+    derive_figures(run.rows, run.copy_bandwidth["gbps"])
+    return run
+
+
+def _run_scheduled(settings: Settings, run: SuiteRun, group: GradGroup, cell: Cell, gradfuse, progress, remaining_s: float) -> None:
+    """Run one cell of the plan: hurried once the run is behind its budget; timed and recorded."""
+    if not run.hurried and settings.clock.behind(cell.estimate_s + remaining_s):
+        run.hurried = True
+        run.notes.append(
+            f"the run fell behind its time budget of {settings.clock.budget_s:.0f} s: from {cell.label} on, "
+            f"every cell took the fewest timed calls ({settings.repeat.min_reps}) on one gradient set (its "
+            "rotation no longer defeats the cache), with no re-measurement of noisy timings"
+        )
+    progress.label(cell.label)
+    t0 = time.perf_counter()
+    row = run_cell(settings, group, cell, gradfuse, remaining_s, run.hurried)
+    row.wall_s, row.estimate_s, row.threads = time.perf_counter() - t0, cell.estimate_s, torch.get_num_threads()
+    ran = row.status != SKIPPED
+    if ran:  # a skipped cell leaves the plan: its estimate must not count as done work
+        settings.clock.record(cell.estimate_s, row.wall_s)
+    run.rows.append(row)
+    if cell.impl.is_gradfuse and row.status in (WRONG, ERROR):
+        message = f"{cell.impl.name} on {cell.workload.name}/{cell.dtype_set}/{cell.scenario.name}: {row.note}"
+        run.failures.append(message)
+        progress.write(("WRONG RESULT: " if row.status == WRONG else "ERROR: ") + message)
+    progress.advance(cell, row.wall_s if ran else None)
+
+
+def _copy_bandwidth_after(settings: Settings, run: SuiteRun, copy_before: dict) -> None:
+    """Measure again after the cells; the better one is the reference (a busy moment only slows)."""
+    copy_after = timing.copy_bandwidth(settings.device, settings.copy_bytes, settings.copy_repeat)
     run.copy_bandwidth = {
         **max(copy_before, copy_after, key=lambda c: c["gbps"]),
         "gbps_before_and_after": [copy_before["gbps"], copy_after["gbps"]],
@@ -172,8 +207,31 @@ def run_suite(settings: Settings, gradfuse, progress) -> SuiteRun:
             f"the machine was busy during this run: copy bandwidth {copy_before['gbps']:.1f} GB/s before the cells "
             f"and {copy_after['gbps']:.1f} after; other work shares it, so re-run before trusting these figures"
         )
-    derive_figures(run.rows, run.copy_bandwidth["gbps"])
-    return run
+
+
+def _adapt_threads(run: SuiteRun, label: str) -> None:
+    threads, why = environment.free_threads(torch.get_num_threads())
+    if why:
+        torch.set_num_threads(threads)
+        run.notes.append(f"from {label} on: {why}")
+
+
+def _not_run(cell: Cell, note: str) -> Row:
+    return Row(cell.workload.name, cell.dtype_set, cell.scenario.name, cell.impl.name, status=SKIPPED, note=note)
+
+
+def _make_group(settings: Settings, w: Workload, dtype_set: str, run: SuiteRun) -> GradGroup | None:
+    set_bytes = nbytes(w, tensor_dtypes(w, dtype_set))
+    count = rotation_count(set_bytes, settings.cache_bytes) if settings.cache_bytes else 1
+    try:
+        group = make_grad_group(w, dtype_set, settings.device, count)
+    except torch.OutOfMemoryError:
+        run.notes.append(f"{w.name}/{dtype_set}: {count} gradient sets of {set_bytes / 1e9:.2f} GB do not fit; skipped")
+        _free(settings.device)
+        return None
+    if not any((g["workload"], g["dtype"]) == (w.name, dtype_set) for g in run.groups):  # compile cells rebuild it
+        run.groups.append({"workload": w.name, "dtype": dtype_set, "bytes": group.nbytes, "rotation_sets": count, "norms": group.norms})
+    return group
 
 
 def _free(device: torch.device) -> None:
@@ -182,25 +240,41 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_cell(settings: Settings, group: GradGroup, scenario: Scenario, impl: Impl, max_norm: float | None, gradfuse) -> Row:
-    """Prepare, check once against fp64, time, count launches and syncs: one result row."""
+def run_cell(settings: Settings, group: GradGroup, cell: Cell, gradfuse, remaining_s: float = 0.0, hurried: bool = False) -> Row:
+    """Prepare, check once against fp64, time, count launches and syncs: one result row.
+
+    ``remaining_s``: estimated seconds of the cells planned after this one (for the time budget).
+    ``hurried``: the run is behind its budget: the fewest timed calls, all on gradient set 0, and
+    no re-measurement of a noisy timing.
+    """
     device = settings.device
+    impl, scenario = cell.impl, cell.scenario
     row = Row(group.workload.name, group.dtype_set, scenario.name, impl.name)
     if impl is not ADAMW_STEP_ONLY:
         row.bytes = scenario.bytes_factor * group.nbytes
-    if impl.compiled and settings.compile.exhausted:
-        row.status, row.note = SKIPPED, f"compile budget of {settings.compile.budget_s:.0f} s spent"
-        return row
+    if impl.compiled:
+        reason = _compile_skip_reason(settings, cell, remaining_s)
+        if reason:
+            row.status, row.note = SKIPPED, reason
+            return row
+    max_norm = max_norm_for(scenario, group)
+    repeat = settings.repeat
+    if hurried:
+        repeat = timing.RepeatPolicy(repeat.warmup, repeat.min_reps, repeat.min_reps, 0.0)
     call: PreparedCall | None = None
     try:
         call = prepare(impl, scenario, group, max_norm, device, gradfuse)
         restore = _first_call(row, call, impl, scenario, max_norm, settings)
         if row.status != OK:
             return row
-        for i in range(1, len(group.sets)):  # first use of every set (plans, optimizer state): untimed
-            call(i)
-            restore(i)
-        stats = timing.measure(call, restore, device, settings.repeat, start=1)
+        if hurried:
+            timed, timed_restore = (lambda i: call(0)), (lambda i: restore(0))
+        else:
+            timed, timed_restore = call, restore
+            for i in range(1, len(group.sets)):  # first use of every set (plans, optimizer state): untimed
+                call(i)
+                restore(i)
+        stats = _measure_steadily(row, timed, timed_restore, device, repeat, retries=0 if hurried else NOISE_RETRIES)
         row.time = stats.as_ms()
         if device.type == "cuda":
             _count_launches_and_syncs(row, call, restore, device)
@@ -216,6 +290,35 @@ def run_cell(settings: Settings, group: GradGroup, scenario: Scenario, impl: Imp
         if call is not None:
             call.close()
     return row
+
+
+def _compile_skip_reason(settings: Settings, cell: Cell, remaining_s: float) -> str | None:
+    estimate = cell.estimate_s
+    if settings.compile.spent_s == 0 and not cell.startup_s:  # the planned first compile was skipped: this one starts Inductor
+        estimate += COMPILE_FIRST_S
+    if settings.compile.would_exceed(estimate):
+        return f"compile budget of {settings.compile.budget_s:.0f} s would be passed (--compile-budget)"
+    if not settings.clock.fits(estimate, remaining_s):
+        return f"would not end within the run's time budget of {settings.clock.budget_s:.0f} s (--time-budget)"
+    return None
+
+
+def _measure_steadily(row: Row, call, restore, device: torch.device, repeat: timing.RepeatPolicy, retries: int) -> timing.Stats:
+    """Time the calls; a try whose spread (IQR) exceeds its median is repeated up to ``retries``
+    times, the steadiest kept, and the row is flagged noisy when every try was."""
+    tries = [timing.measure(call, restore, device, repeat, start=1)]
+    while tries[-1].noisy and len(tries) <= retries:
+        tries.append(timing.measure(call, restore, device, repeat, start=1))
+    stats = min(tries, key=lambda s: s.iqr_s / s.median_s)
+    if stats.noisy:
+        row.status = NOISY
+        row.note = (
+            f"spread (IQR {stats.iqr_s * 1e3:.3g} ms) above the median ({stats.median_s * 1e3:.3g} ms) "
+            f"in {len(tries)} tries: the machine's noise, no figure"
+        )
+    elif len(tries) > 1:
+        row.note = f"measured {len(tries)} times: the first tries were noisy"
+    return stats
 
 
 def _count_launches_and_syncs(row: Row, call: PreparedCall, restore, device: torch.device) -> None:

@@ -44,6 +44,11 @@ class Stats:
     def iqr_s(self) -> float:
         return self.p75_s - self.p25_s
 
+    @property
+    def noisy(self) -> bool:
+        """A spread (IQR) above the median: the machine's noise drowns the figure."""
+        return self.iqr_s > self.median_s
+
     def as_ms(self) -> dict:
         d = {k.replace("_s", "_ms"): v * 1e3 for k, v in asdict(self).items() if k != "reps"}
         return {**d, "iqr_ms": self.iqr_s * 1e3, "reps": self.reps}
@@ -168,7 +173,7 @@ def copy_bandwidth(device: torch.device, nbytes: int, policy: RepeatPolicy) -> d
     Bytes moved = read + write = 2 * nbytes; GB = 1e9 bytes.
     """
     numel = nbytes // 4
-    src = torch.randn(numel, device=device)
+    src = torch.ones(numel, device=device)  # written pages (no lazy zeros); quicker to make than randn
     dst = torch.empty_like(src)
     stats = measure(lambda i: dst.copy_(src), lambda i: None, device, policy)
     moved = 2 * numel * 4

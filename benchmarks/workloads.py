@@ -1,6 +1,7 @@
-"""Canonical workloads (parameter shapes) and the gradient sets built from them.
+"""Workloads (parameter shapes) and the gradient sets built from them.
 
-A workload file is ``{"doc": ..., "tensors": [[name, shape], ...]}``. The suite builds, per workload
+The canonical workloads come from model configurations (``models.py``); a user's workload file is
+``{"doc": ..., "tensors": [[name, shape], ...]}``. The suite builds, per workload
 and dtype set, a few *gradient sets* (parameters whose ``.grad`` holds ``randn * GRAD_AMPLITUDE``)
 and rotates among them so that the caches never hold the gradients a call is about to read.
 """
@@ -13,6 +14,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+
+from .environment import SetupError
+from .models import CANONICAL
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,8 +31,8 @@ _PLAIN_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.fl
 MAX_ROTATION_SETS = 8
 
 
-class WorkloadError(SystemExit):
-    """A workload directory or file that cannot be used (exits with the message)."""
+class WorkloadError(SetupError):
+    """A workload that is unknown, or a workload file that cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -49,14 +53,14 @@ class Workload:
         return sum(math.prod(s) for s in self.shapes)
 
 
-def find_workloads_dir(explicit: str | Path | None = None) -> Path:
-    """``explicit``, else ``../shared/workloads`` beside the repo, else ``shared/workloads`` inside it."""
-    candidates = [Path(explicit)] if explicit else [REPO_ROOT.parent / "shared" / "workloads", REPO_ROOT / "shared" / "workloads"]
-    for path in candidates:
-        if path.is_dir() and any(path.glob("*.json")):
-            return path
-    tried = ", ".join(str(p) for p in candidates)
-    raise WorkloadError(f"benchmarks: no workload files (*.json) found; looked in: {tried}. Pass --workloads-dir DIR.")
+def canonical_workloads() -> list[Workload]:
+    """The canonical workloads, built from their model configurations (``benchmarks/models.py``)."""
+    out = []
+    for m in CANONICAL:
+        names, shapes = zip(*m.config.tensors())
+        w = Workload(m.name, m.doc, names, shapes)
+        out.append(replace(w, full_numel=w.numel))
+    return out
 
 
 def load_workload(path: Path) -> Workload:
@@ -64,20 +68,30 @@ def load_workload(path: Path) -> Workload:
         data = json.loads(path.read_text())
         names, shapes = zip(*((str(n), tuple(int(d) for d in s)) for n, s in data["tensors"]))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise WorkloadError(f"benchmarks: cannot read workload {path}: {e!r}") from e
+        raise WorkloadError(f"cannot read workload {path}: {e!r}") from e
     w = Workload(path.stem, str(data.get("doc", "")), names, shapes)
     return replace(w, full_numel=w.numel)
 
 
-def load_workloads(directory: Path, names: list[str] | None = None) -> list[Workload]:
-    """All workloads in ``directory`` (sorted by name), or the ``names`` asked for, in that order."""
-    available = {p.stem: p for p in sorted(directory.glob("*.json"))}
+def load_workloads(names: list[str] | None = None, extra_dir: str | Path | None = None) -> list[Workload]:
+    """The canonical workloads plus every ``*.json`` in ``extra_dir`` (by name), or the ``names``
+    asked for, in that order."""
+    available = {w.name: w for w in canonical_workloads()}
+    if extra_dir is not None:
+        folder = Path(extra_dir)
+        files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+        if not files:
+            raise WorkloadError(f"--workloads-dir {folder}: no workload files (*.json) there")
+        for path in files:
+            if path.stem in available:
+                raise WorkloadError(f"{path}: {path.stem!r} is a canonical workload's name; rename the file")
+            available[path.stem] = load_workload(path)
     if names is None:
-        return [load_workload(p) for p in available.values()]
+        return list(available.values())
     missing = [n for n in names if n not in available]
     if missing:
-        raise WorkloadError(f"benchmarks: unknown workload(s) {', '.join(missing)}; {directory} has {', '.join(available)}")
-    return [load_workload(available[n]) for n in names]
+        raise WorkloadError(f"unknown workload(s) {', '.join(missing)}; choose from {', '.join(available)}")
+    return [available[n] for n in names]
 
 
 def scaled(w: Workload, scale: float) -> Workload:

@@ -7,6 +7,7 @@ coefficient on the device in one pass, and scale only when clipping is needed.
 
 from ._backends import BACKEND_NAMES, BackendUnavailableError, available_backends
 from ._engine import ClipResult
+from ._patch import TorchPatch, patch_torch
 from .clip import (
     clip_grad_norm,
     clip_grad_norm_,
@@ -15,9 +16,15 @@ from .clip import (
     clip_grads_with_norm_,
     get_total_norm,
 )
-from .monitor import GradClipper, QuantileThreshold, ZScoreThreshold
+from . import histogram, plot, sinks
+from .distributed import DistributedClipResult
+from .history import NormHistory
+from .histogram import log2_histograms
+from .monitor import GradClipper, NonFiniteCounter, QuantileThreshold, ZScoreThreshold
+from .report import GradientReport, inspect_gradients
+from .sinks import CSVSink, JSONLSink, TensorBoardSink, read_jsonl
+from .telemetry import Telemetry, TelemetryRecord
 from .training import (
-    NonFiniteCounter,
     OptimizerClipper,
     clip_grad_norm_for_optimizer_,
     handoff_unsupported_reason,
@@ -30,6 +37,7 @@ __all__ = [
     "BACKEND_NAMES",
     "BackendUnavailableError",
     "ClipResult",
+    "DistributedClipResult",
     "available_backends",
     "clip_grad_norm",
     "clip_grad_norm_",
@@ -37,7 +45,22 @@ __all__ = [
     "clip_grads",
     "clip_grads_with_norm_",
     "get_total_norm",
+    "patch_torch",
+    "TorchPatch",
     "GradClipper",
+    "GradientReport",
+    "inspect_gradients",
+    "NormHistory",
+    "Telemetry",
+    "TelemetryRecord",
+    "log2_histograms",
+    "CSVSink",
+    "JSONLSink",
+    "TensorBoardSink",
+    "read_jsonl",
+    "histogram",
+    "plot",
+    "sinks",
     "QuantileThreshold",
     "ZScoreThreshold",
     "NonFiniteCounter",

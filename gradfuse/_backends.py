@@ -146,7 +146,7 @@ class TritonBackend(_Backend):
     auto_for = ("cuda",)  # on CPU tensors only through the interpreter, which is for tests
     chunk_size = 1 << 16
     module_name = "gradfuse.triton_kernels"
-    how_to_get = "Install triton (pip install triton) on Linux x86-64."
+    how_to_get = "Install triton on Linux x86-64: pip install triton, or gradfuse's gpu extra (pip install \".[gpu]\")."
 
     def _device_reason(self, device):
         interpreted = self._module.INTERPRETED

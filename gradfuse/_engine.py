@@ -113,12 +113,15 @@ def fused_ineligible_reason(grads: list[torch.Tensor]) -> str | None:
     return overlap_reason(grads)
 
 
-def _fused_plan(backend, grads: list[torch.Tensor], dtypes: tuple[torch.dtype, ...]) -> DevicePlan | None:
-    """The cached plan for ``grads`` on ``backend``, or None when they need the reference path."""
+def _fused_plan(backend, grads: list[torch.Tensor], dtypes: tuple[torch.dtype, ...], rows: tuple[int, ...] | None = None) -> DevicePlan | None:
+    """The cached plan for ``grads`` (split in ``rows`` when given) on ``backend``, or None when
+    they need the reference path."""
     try:
-        key = fingerprint(grads, dtypes)
+        key = fingerprint(grads, dtypes) if rows is None else (fingerprint(grads, dtypes), rows)
     except RuntimeError:  # sparse and other storage-less tensors have no data_ptr
         return None
+    if rows is not None and not all(map(torch.Tensor.is_contiguous, grads)):
+        return None  # dim-0 slices are consecutive spans only in contiguous tensors
     chunk = backend.chunk_size
     plan = PLANS.lookup(backend.name, chunk, key)
     if plan is not None:
@@ -131,7 +134,7 @@ def _fused_plan(backend, grads: list[torch.Tensor], dtypes: tuple[torch.dtype, .
         return None
     if fused_ineligible_reason(grads) is not None:
         return None
-    return PLANS.insert(backend.name, chunk, key, build_plan(grads, chunk))
+    return PLANS.insert(backend.name, chunk, key, build_plan(grads, chunk, None if rows is None else list(rows)))
 
 
 def _device_scalar(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -156,20 +159,24 @@ def raise_if_nonfinite(total: torch.Tensor, p: float) -> None:
 
 @dataclass(frozen=True)
 class Target:
-    """Where a measured set of gradients is scaled: a fused backend's plan, or the reference path."""
+    """Where a set of gradients is measured and scaled: a fused backend's plan, or the reference
+    path. Its entries are the gradients, or with ``rows`` their dim-0 slices (unit-wise norms)."""
 
     grads: list[torch.Tensor]
     backend: object | None = None  # the fused backend, None for the reference
     plan: DevicePlan | None = None
     foreach: bool | None = None
+    rows: tuple[int, ...] | None = None
 
 
-def target(grads, dtypes, backend: str | None, foreach: bool | None = None) -> Target:
-    """The fused plan for ``grads`` if a fused backend can take them, else the reference path."""
+def target(grads, dtypes, backend: str | None, foreach: bool | None = None, rows: tuple[int, ...] | None = None) -> Target:
+    """The fused plan for ``grads`` if a fused backend can take them, else the reference path.
+    ``rows[i]``: gradient i is one entry (1) or its ``shape[0]`` dim-0 slices, so that every result
+    holds one value per entry (unit-wise norms, as adaptive gradient clipping needs)."""
     name = requested_backend(backend)
     fused = choose(name, grads[0].device) if name != "torch" else None
-    plan = _fused_plan(fused, grads, dtypes) if fused is not None else None
-    return Target(grads, fused, plan, foreach) if plan is not None else Target(grads, foreach=foreach)
+    plan = _fused_plan(fused, grads, dtypes, rows) if fused is not None else None
+    return Target(grads, fused, plan, foreach, rows) if plan is not None else Target(grads, foreach=foreach, rows=rows)
 
 
 def measure(
@@ -187,7 +194,7 @@ def measure(
     kernel contract, ``gradfuse._abi``). ``per_tensor``: also each gradient's own clip factor
     (``tensor_scales``, layer-wise clipping). ``stats``: the reference path also counts NaN/Inf."""
     if at.plan is None:
-        return _reference.measure(at.grads, max_norm, p, at.foreach, policy, inv_scale, per_tensor, stats, dtypes)
+        return _reference.measure(at.grads, max_norm, p, at.foreach, policy, inv_scale, per_tensor, stats, dtypes, at.rows)
     plan, device, t = at.plan, at.plan.device, at.plan.num_tensors
     max_norm_tensor = _device_scalar(max_norm, device) if isinstance(max_norm, torch.Tensor) else None
     inv_scale = _device_scalar(inv_scale, device)
@@ -225,7 +232,7 @@ def apply_scale(at: Target, scale: torch.Tensor, *, per_tensor: bool = False, po
     gradients whose factor is exactly 1 are not touched (decided on the device); POLICY_ZERO
     writes zeros where the factor is 0."""
     if at.plan is None:
-        _reference.scale_grads_(at.grads, scale, at.foreach, policy, per_tensor)
+        _reference.scale_grads_(at.grads, scale, at.foreach, policy, per_tensor, at.rows)
         return
     plan = at.plan
     factor = scale.detach().to(plan.device, torch.float32).contiguous()

@@ -63,33 +63,38 @@ def overlap_reason(grads: list[torch.Tensor]) -> str | None:
     return None
 
 
-def build_plan(grads: list[torch.Tensor], chunk_size: int) -> DevicePlan:
-    """Tables for ``grads`` (dense, non-overlapping, one device, fp32/fp16/bf16), chunked by ``chunk_size``."""
+def build_plan(grads: list[torch.Tensor], chunk_size: int, rows: list[int] | None = None) -> DevicePlan:
+    """Tables for ``grads`` (dense, non-overlapping, one device, fp32/fp16/bf16), chunked by
+    ``chunk_size``. With ``rows``, gradient i (contiguous) is ``rows[i]`` entries of
+    ``numel / rows[i]`` consecutive elements each (its dim-0 slices, for unit-wise norms)."""
     device = grads[0].device
-    num_tensors = len(grads)
-    numels = [g.numel() for g in grads]
-    chunks_per_tensor = [-(-n // chunk_size) for n in numels]
-    begin = [0]
-    for k in chunks_per_tensor:
-        begin.append(begin[-1] + k)
-    num_chunks = begin[-1]
+    base = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+    numel = torch.tensor([g.numel() for g in grads], dtype=torch.int64)
+    tag = torch.tensor([DTYPE_TAGS[g.dtype] for g in grads], dtype=torch.int64)
+    if rows is None:
+        addrs, numels, tags = base, numel, tag
+    else:  # entry e is row k of gradient i: numel_i / rows_i elements from base_i + k * row bytes
+        r = torch.tensor(rows, dtype=torch.int64)
+        row_bytes = numel // r.clamp_min(1) * torch.tensor([g.element_size() for g in grads], dtype=torch.int64)
+        owner = torch.repeat_interleave(torch.arange(len(grads)), r)
+        first = torch.cumsum(r, 0) - r
+        addrs = base[owner] + (torch.arange(owner.numel()) - first[owner]) * row_bytes[owner]
+        numels, tags = (numel // r.clamp_min(1))[owner], tag[owner]
+    num_tensors = numels.numel()
+    chunks_per_tensor = (numels + chunk_size - 1) // chunk_size
+    begin = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(chunks_per_tensor, 0)])
+    # Sizes as Python ints (no read of a tensor, which a sync counter would see)
+    sizes = [g.numel() for g in grads]
+    per_entry = sizes if rows is None else [n // max(r, 1) for n, r in zip(sizes, rows)]
+    num_chunks = sum(-(-n // chunk_size) * (1 if rows is None else r) for n, r in zip(per_entry, rows or sizes))
+    chunk_tensor = torch.repeat_interleave(torch.arange(num_tensors, dtype=torch.int64), chunks_per_tensor)
+    chunk_start = (torch.arange(num_chunks, dtype=torch.int64) - begin[chunk_tensor]) * chunk_size
 
-    # One int64 host buffer: addrs | numels | dtypes | tensor_chunk_begin | chunk_tensor | chunk_start
-    meta = torch.empty(4 * num_tensors + 1 + 2 * num_chunks, dtype=torch.int64)
-    t = num_tensors
-    meta[0:t] = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
-    meta[t : 2 * t] = torch.tensor(numels, dtype=torch.int64)
-    meta[2 * t : 3 * t] = torch.tensor([DTYPE_TAGS[g.dtype] for g in grads], dtype=torch.int64)
-    meta[3 * t : 4 * t + 1] = torch.tensor(begin, dtype=torch.int64)
-    counts = torch.tensor(chunks_per_tensor, dtype=torch.int64)
-    chunk_tensor = torch.repeat_interleave(torch.arange(num_tensors, dtype=torch.int64), counts)
-    first_chunk = torch.tensor(begin[:-1], dtype=torch.int64)
-    chunk_index_in_tensor = torch.arange(num_chunks, dtype=torch.int64) - first_chunk[chunk_tensor]
-    c0 = 4 * t + 1
-    meta[c0 : c0 + num_chunks] = chunk_tensor
-    meta[c0 + num_chunks :] = chunk_index_in_tensor * chunk_size
+    # One int64 buffer, so a plan costs one copy: addrs | numels | dtypes | tensor_chunk_begin | chunk_tensor | chunk_start
+    meta = torch.cat([addrs, numels, tags, begin, chunk_tensor, chunk_start])
     if device.type != "cpu":
         meta = meta.pin_memory().to(device, non_blocking=True)
+    t, c0 = num_tensors, 4 * num_tensors + 1
 
     c = max(num_chunks, 1)
     plan = DevicePlan(
@@ -97,7 +102,7 @@ def build_plan(grads: list[torch.Tensor], chunk_size: int) -> DevicePlan:
         chunk_size=chunk_size,
         num_tensors=num_tensors,
         num_chunks=num_chunks,
-        total_numel=sum(numels),
+        total_numel=sum(sizes),
         addrs=meta[0:t],
         numels=meta[t : 2 * t],
         dtypes=meta[2 * t : 3 * t],

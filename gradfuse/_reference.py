@@ -133,22 +133,38 @@ def scale_factor(coef: torch.Tensor, found_inf: torch.Tensor, policy: int, inv_s
     return scale
 
 
-def measure(grads, max_norm, p, foreach, policy, inv_scale, per_tensor, stats, dtypes):
-    """The kernel contract's reduce with torch ops; returns a ``gradfuse.ClipResult``."""
+def _row_stats(grads, rows, p: float, stats: bool):
+    """Per-row norms (fp64), max |x| (fp64) and NaN/Inf counts of every gradient split in
+    ``rows[i]`` dim-0 slices: a few ops per gradient, on the first gradient's device."""
+    first = grads[0].device
+    views = [g.reshape(r, -1) if r else g.reshape(0, 1) for g, r in zip(grads, rows)]
+    norms = torch.cat([torch.linalg.vector_norm(v, p, dim=1, dtype=_compute_dtype(v.dtype)).to(first, torch.float64) for v in views])
+    max_abs = torch.cat([(v.abs().amax(dim=1) if v.shape[1] else v.new_zeros(v.shape[0])).to(first, torch.float64) for v in views])
+    counts = torch.cat([torch.stack((v.isnan().sum(1), v.isinf().sum(1)), 1).to(first) for v in views]) if stats else None
+    return norms, max_abs, counts
+
+
+def measure(grads, max_norm, p, foreach, policy, inv_scale, per_tensor, stats, dtypes, rows=None):
+    """The kernel contract's reduce with torch ops (``rows``: the entries are dim-0 slices);
+    returns a ``gradfuse.ClipResult``."""
     from ._engine import ClipResult, torch_norm_dtype
 
     acc = torch.float32
     for dtype in set(dtypes):
         acc = torch.promote_types(acc, accumulation_dtype(dtype))
     # The total is torch's: the p-norm of the per-tensor norms, in fp64, rounded once.
-    norms64 = _per_tensor(grads, lambda group, device, dtype: _norms64(group, device, p, foreach, dtype))
+    if rows is None:
+        norms64 = _per_tensor(grads, lambda group, device, dtype: _norms64(group, device, p, foreach, dtype))
+        max_abs = _per_tensor(grads, _max_abs)
+        counts = _per_tensor(grads, _counts) if stats else None
+    else:
+        norms64, max_abs, counts = _row_stats(grads, rows, p, stats)
     wide_total = torch.linalg.vector_norm(norms64, p)
     partials = _partials(norms64.to(torch.float64), p)
     if inv_scale is not None and p != 0.0:  # norms of the unscaled gradients (L0 counts stay counts)
         inv = inv_scale.reshape(()).to(norms64.device, norms64.dtype)
         wide_total, norms64 = wide_total * inv, norms64 * inv
     total, tensor_norms = wide_total.to(acc), norms64.to(acc)
-    max_abs = _per_tensor(grads, _max_abs)
     found_inf = (~torch.isfinite(max_abs)).any().to(torch.float32)
     coef = clip_coefficient(total, max_norm, wide_total)
     scales = None
@@ -160,7 +176,7 @@ def measure(grads, max_norm, p, foreach, policy, inv_scale, per_tensor, stats, d
         tensor_norms=tensor_norms,
         tensor_partials=partials,
         tensor_max_abs=max_abs.to(torch.float32),
-        tensor_counts=_per_tensor(grads, _counts) if stats else None,
+        tensor_counts=counts,
         norm_dtype=torch_norm_dtype(dtypes),
         backend="torch",
         norm_type=float(p),
@@ -169,7 +185,7 @@ def measure(grads, max_norm, p, foreach, policy, inv_scale, per_tensor, stats, d
 
 
 def scale_grads_(grads: list[torch.Tensor], scale: torch.Tensor, foreach: bool | None, policy: int = _abi.POLICY_PROPAGATE,
-                 per_tensor: bool = False) -> None:  # fmt: skip
+                 per_tensor: bool = False, rows: tuple[int, ...] | None = None) -> None:  # fmt: skip
     """grads *= scale (a 0-dim tensor, or one factor per gradient) in place like torch (a duplicate
     gradient is scaled twice). POLICY_PROPAGATE: torch's foreach multiply per (device, dtype)
     group. Otherwise, or per tensor, as the kernels do: every bit stays as it was where the factor
@@ -184,8 +200,14 @@ def scale_grads_(grads: list[torch.Tensor], scale: torch.Tensor, foreach: bool |
                 for g in group:
                     g.mul_(scale.to(device))
         return
-    factors = scale.reshape(-1) if per_tensor else scale.reshape(()).expand(len(grads))
-    for g, s in zip(grads, factors.unbind(0)):
+    if rows is not None:  # one factor per dim-0 slice (rows[i] == shape[0]), or per gradient (1)
+        factors = scale.reshape(-1) if per_tensor else scale.reshape(()).expand(sum(rows))
+        views = grads
+        factors = [f.reshape(-1, *[1] * (g.dim() - 1)) if r != 1 else f.reshape(()) for g, f, r in zip(grads, factors.split(list(rows)), rows)]
+    else:
+        views = grads
+        factors = (scale.reshape(-1) if per_tensor else scale.reshape(()).expand(len(grads))).unbind(0)
+    for g, s in zip(views, factors):
         s = s.to(g.device)
         new = g * s
         if policy == _abi.POLICY_ZERO:

@@ -13,7 +13,15 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from .ops import is_compiling
+
+class NotATensorError(TypeError, AttributeError):
+    """An item that must be a tensor is not. Also an AttributeError, the type torch raises there
+    (reading ``.grad`` or ``.device`` of it), so code written against torch still catches it."""
+
+
+class GradDtypeError(TypeError, RuntimeError):
+    """A gradient of a dtype no norm exists for (integer, bool). Also a RuntimeError, the type
+    torch's kernels raise for it."""
 
 
 def as_list(parameters, fn: str, *, warn_empty_generator: bool = False) -> list:
@@ -29,10 +37,10 @@ def as_list(parameters, fn: str, *, warn_empty_generator: bool = False) -> list:
     return items
 
 
-def _not_a_tensor(items: list, fn: str, label: str = "parameters[{}]") -> TypeError:
+def _not_a_tensor(items: list, fn: str, label: str = "parameters[{}]") -> NotATensorError:
     """The error for the first item of ``items`` that is not a tensor (``label`` names it by index)."""
     i, item = next((i, x) for i, x in enumerate(items) if not isinstance(x, torch.Tensor))
-    return TypeError(f"{fn}: {label.format(i)} is of type {type(item).__name__}, not a torch.Tensor")
+    return NotATensorError(f"{fn}: {label.format(i)} is of type {type(item).__name__}, not a torch.Tensor")
 
 
 _GRAD = operator.attrgetter("grad")
@@ -42,7 +50,7 @@ DTYPE = operator.attrgetter("dtype")
 def grads_of(parameters: list, fn: str) -> list[torch.Tensor]:
     """The gradients to clip: ``p.grad`` of every parameter that has one. (Runs every step, so
     the items are checked to be tensors only when reading ``.grad`` fails.)"""
-    if is_compiling():  # dynamo traces comprehensions, not attrgetter
+    if torch.compiler.is_compiling():  # dynamo traces comprehensions, not attrgetter
         return [p.grad for p in parameters if p.grad is not None]
     try:
         return [g for g in map(_GRAD, parameters) if g is not None]
@@ -55,7 +63,7 @@ def check_tensors(tensors: list, fn: str) -> list[torch.Tensor]:
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             hint = " (pass gradients, e.g. [p.grad for p in params if p.grad is not None])" if t is None else ""
-            raise TypeError(f"{fn}: tensors[{i}] is of type {type(t).__name__}, not a torch.Tensor{hint}")
+            raise NotATensorError(f"{fn}: tensors[{i}] is of type {type(t).__name__}, not a torch.Tensor{hint}")
     return tensors
 
 
@@ -64,7 +72,7 @@ def _as_float(value, name: str, fn: str) -> float:
         try:
             return float(value)  # torch accepts 'inf'
         except ValueError:
-            raise TypeError(f"{fn}: {name} must be a number, got the string {value!r}") from None
+            raise ValueError(f"{fn}: {name} must be a number, got the string {value!r}") from None  # torch's type
     if isinstance(value, np.ndarray):  # torch takes a 0-d array (np.array(1.0)) through float()
         if value.ndim != 0:
             raise TypeError(f"{fn}: {name} must be a number or a 0-d array, got an array of shape {list(value.shape)}")
@@ -111,13 +119,13 @@ def check_grads(grads: list[torch.Tensor], p: float, foreach: bool | None, fn: s
     """Dtypes a norm exists for, and torch's errors for norms of empty tensors that have no identity.
     Returns the gradients' dtypes (the engine reuses them)."""
     try:
-        dtypes = tuple(g.dtype for g in grads) if is_compiling() else tuple(map(DTYPE, grads))
+        dtypes = tuple(g.dtype for g in grads) if torch.compiler.is_compiling() else tuple(map(DTYPE, grads))
     except AttributeError:  # an object whose .grad is not a tensor
         raise _not_a_tensor(grads, fn, "gradient {}") from None
     for dtype in set(dtypes):
         if not (dtype.is_floating_point or dtype.is_complex):
             i = dtypes.index(dtype)
-            raise TypeError(f"{fn}: gradient {i} has dtype {dtype}; clipping needs floating-point or complex gradients")
+            raise GradDtypeError(f"{fn}: gradient {i} has dtype {dtype}; clipping needs floating-point or complex gradients")
     if p == math.inf or p < 0:
         for g in grads:
             if g.numel() == 0:

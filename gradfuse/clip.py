@@ -1,8 +1,8 @@
 """Public API: drop-in replacements for ``torch.nn.utils``'s clipping functions, plus ``clip_grads``.
 
 Same names, signatures, defaults and return values as torch 2.13; gradfuse's own options are
-keyword-only and come after torch's. Each function validates, then calls ``gradfuse._engine``
-(or, under ``torch.compile``, the same engine through the ``gradfuse::clip_`` custom op).
+keyword-only and come after torch's. Each function validates, then calls ``gradfuse.ops`` (the
+engine, or under ``torch.compile`` the same engine through its custom op).
 """
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ import functools
 import torch
 from typing_extensions import deprecated
 
-from . import _abi, _engine, _reference, _validation as v, ops
-from ._backends import requested_backend
+from . import _abi, _layout, _reference, _validation as v, distributed, ops
 from ._engine import ClipResult
+
+# torch's own clamp pass, taken at import: gradfuse.patch_torch() replaces torch.nn.utils.clip_grad_value_
+# with gradfuse's, which calling it by name would then recurse into.
+_torch_clip_grad_value_ = torch.nn.utils.clip_grad.clip_grad_value_
 
 _POLICIES = {"propagate": _abi.POLICY_PROPAGATE, "skip": _abi.POLICY_SKIP, "zero": _abi.POLICY_ZERO, "error": _abi.POLICY_PROPAGATE}
 
@@ -27,34 +30,52 @@ def _no_grad(fn):
     return functools.update_wrapper(wrapper, fn)
 
 
-def _run(grads, dtypes, max_norm, p, *, apply, backend, error_if_nonfinite, foreach, policy=_abi.POLICY_PROPAGATE, inv_scale=None) -> ClipResult:
-    name = requested_backend(backend)
-    if ops.is_compiling():
-        return ops.clip_compiled(
-            grads, max_norm, p, apply=apply, backend=name, error_if_nonfinite=error_if_nonfinite, policy=policy, inv_scale=inv_scale
-        )
-    return _engine.clip(
-        grads, max_norm, p, apply=apply, backend=name, error_if_nonfinite=error_if_nonfinite, foreach=foreach, policy=policy,
-        inv_scale=inv_scale, dtypes=dtypes,
-    )
+def _distribution(items: list, group, exclude_from_norm, fn: str):
+    """``group=`` checked, and the indices among ``items`` (those whose gradients are clipped, in
+    order) that ``exclude_from_norm`` names."""
+    group = _layout.check_group(group, fn)
+    excluded = _layout.excluded_indices(items, exclude_from_norm, fn) if exclude_from_norm is not None else ()
+    return group, excluded
+
+
+def _with_grad(params: list, exclude_from_norm) -> list:
+    return params if exclude_from_norm is None else [p for p in params if p.grad is not None]
+
+
+def _clip(grads, max_norm, p, *, group, excluded, fn, **kwargs) -> ClipResult:
+    """The distributed layer for DTensor gradients or ``group=``, else the engine (``gradfuse.ops``)."""
+    if group is not None or _layout.has_dtensors(grads):
+        return distributed.clip(grads, max_norm, p, group=group, excluded=excluded, fn=fn, **kwargs)
+    if excluded:
+        raise ValueError(f"{fn}: exclude_from_norm marks copies held by other ranks: it needs group= or DTensor gradients")
+    return ops.clip(grads, max_norm, p, **kwargs)
+
+
+def _returned_total(r: ClipResult) -> torch.Tensor:
+    return r.torch_total() if isinstance(r, distributed.DistributedClipResult) else r.torch_norm
 
 
 @_no_grad
-def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = False, foreach: bool | None = None, *, backend: str | None = None) -> torch.Tensor:
+def get_total_norm(
+    tensors, norm_type: float = 2.0, error_if_nonfinite: bool = False, foreach: bool | None = None, *,
+    backend: str | None = None, group=None, exclude_from_norm=None,
+) -> torch.Tensor:  # fmt: skip
     r"""Norm of all ``tensors`` viewed as one vector: :math:`(\sum_t \|t\|_p^p)^{1/p}`.
 
     Like ``torch.nn.utils.get_total_norm``, accumulated in fp32 for fp16/bf16 tensors and returned
     in torch's dtype. ``backend``: "auto" (default, or ``GRADFUSE_BACKEND``), "cuda", "triton",
-    "cpu" or "torch".
+    "cpu" or "torch". ``group``, ``exclude_from_norm``: as in :func:`clip_grad_norm_`.
     """
     fn = "get_total_norm"
     tensors = v.check_tensors([tensors] if isinstance(tensors, torch.Tensor) else list(tensors), fn)
     p = v.check_norm_type(norm_type, fn)
-    if not tensors:
+    group, excluded = _distribution(tensors, group, exclude_from_norm, fn)
+    if not tensors and group is None:
         return torch.tensor(0.0)
     dtypes = v.check_grads(tensors, p, foreach, fn)
-    r = _run(tensors, dtypes, 0.0, p, apply=False, backend=backend, error_if_nonfinite=error_if_nonfinite, foreach=foreach)
-    return r.torch_norm
+    r = _clip(tensors, 0.0, p, apply=False, backend=backend, error_if_nonfinite=error_if_nonfinite, foreach=foreach, dtypes=dtypes,
+              group=group, excluded=excluded, fn=fn)  # fmt: skip
+    return _returned_total(r)
 
 
 @_no_grad
@@ -71,13 +92,11 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
     if not grads:
         return
     v.check_grads(grads, 2.0, foreach, fn)
+    if _layout.is_dtensor(total_norm):  # torch's get_total_norm gives a DTensor (Partial until reduced)
+        total_norm = total_norm.full_tensor()
     acc = torch.float64 if total_norm.dtype == torch.float64 else torch.float32
     coef = _reference.clip_coefficient(total_norm.to(acc), max_norm)
-    name = requested_backend(backend)
-    if ops.is_compiling():
-        torch.ops.gradfuse.scale_(grads, coef.reshape(1).float(), False, name)
-    else:
-        _engine.scale_(grads, coef, backend=name, foreach=foreach)
+    ops.scale_(grads, coef, backend=backend, foreach=foreach)
 
 
 @_no_grad
@@ -89,6 +108,8 @@ def clip_grad_norm_(
     foreach: bool | None = None,
     *,
     backend: str | None = None,
+    group=None,
+    exclude_from_norm=None,
 ) -> torch.Tensor:
     r"""Clip the gradients' global norm in place; return the norm before clipping.
 
@@ -112,19 +133,31 @@ def clip_grad_norm_(
         backend: ``"auto"`` (default, or the ``GRADFUSE_BACKEND`` variable), ``"cuda"``,
             ``"triton"``, ``"cpu"`` or ``"torch"``; an explicit one that cannot run raises
             :class:`BackendUnavailableError`.
+        group: a ``ProcessGroup`` or 1-D ``DeviceMesh``: these gradients are this rank's part of a
+            model spread over ``group`` (pipeline stages, Megatron-style layouts); the norm is the
+            global one, the same on every rank, and every rank of the group must call (with or
+            without gradients). DTensor gradients need no ``group``: their meshes give it.
+        exclude_from_norm: parameters (or gradients) whose gradient is a copy that another rank of
+            the group counts (e.g. a tensor-parallel LayerNorm on all but one tensor-parallel
+            rank): scaled, not counted here. DTensor ``Replicate`` placements count once by
+            themselves.
 
     Returns:
-        The total norm before clipping, a 0-dim tensor of torch's dtype on the gradients' device.
+        The total norm before clipping, a 0-dim tensor of torch's dtype on the gradients' device
+        (a replicated DTensor for DTensor gradients, as torch returns).
     """
     fn = "clip_grad_norm_"
-    grads = v.grads_of(v.as_list(parameters, fn, warn_empty_generator=True), fn)
+    params = v.as_list(parameters, fn, warn_empty_generator=True)
+    grads = v.grads_of(params, fn)
     max_norm = v.check_max_norm(max_norm, fn)
     p = v.check_norm_type(norm_type, fn)
-    if not grads:
+    group, excluded = _distribution(_with_grad(params, exclude_from_norm), group, exclude_from_norm, fn)
+    if not grads and group is None:
         return torch.tensor(0.0)
     dtypes = v.check_grads(grads, p, foreach, fn)
-    r = _run(grads, dtypes, max_norm, p, apply=True, backend=backend, error_if_nonfinite=error_if_nonfinite, foreach=foreach)
-    return r.torch_norm
+    r = _clip(grads, max_norm, p, apply=True, backend=backend, error_if_nonfinite=error_if_nonfinite, foreach=foreach, dtypes=dtypes,
+              group=group, excluded=excluded, fn=fn)  # fmt: skip
+    return _returned_total(r)
 
 
 @deprecated(
@@ -151,7 +184,7 @@ def clip_grad_value_(parameters, clip_value: float, foreach: bool | None = None)
     if not grads:
         raise RuntimeError("Expected !nested_tensorlist[0].empty() to be true, but got false.")
     v.check_grads(grads, 2.0, foreach, fn)
-    torch.nn.utils.clip_grad_value_(params, clip_value, foreach=foreach)
+    _torch_clip_grad_value_(params, clip_value, foreach=foreach)
 
 
 @_no_grad
@@ -165,6 +198,8 @@ def clip_grads(
     apply: bool = True,
     foreach: bool | None = None,
     backend: str | None = None,
+    group=None,
+    exclude_from_norm=None,
 ) -> ClipResult | None:
     r"""The full clip: norms, NaN/Inf check, coefficient, optional unscale, all on the device.
 
@@ -173,17 +208,22 @@ def clip_grads(
     "propagate" (torch's behaviour), "skip" (gradients untouched when a NaN/Inf is found), "zero"
     (gradients zeroed), "error" (raise, one host sync, before any gradient is touched).
     ``max_norm`` may be a device tensor (adaptive thresholds: no host sync). ``apply=False``
-    computes without scaling. Returns a :class:`ClipResult`, or None when no parameter has a grad.
+    computes without scaling. ``group``, ``exclude_from_norm``: as in :func:`clip_grad_norm_`; a
+    distributed call returns a :class:`DistributedClipResult` (global total, found_inf, coef and
+    scale, the same on every rank; per-tensor fields of the local shards). Returns a
+    :class:`ClipResult`, or None when no parameter has a grad (and no ``group`` is given).
     """
     fn = "clip_grads"
-    grads = v.grads_of(v.as_list(parameters, fn), fn)
+    params = v.as_list(parameters, fn)
+    grads = v.grads_of(params, fn)
     max_norm = v.check_max_norm(max_norm, fn)
     p = v.check_norm_type(norm_type, fn)
     nonfinite = v.check_nonfinite(nonfinite, fn)
-    if not grads:
+    group, excluded = _distribution(_with_grad(params, exclude_from_norm), group, exclude_from_norm, fn)
+    if not grads and group is None:
         return None
     dtypes = v.check_grads(grads, p, foreach, fn)
-    return _run(
-        grads, dtypes, max_norm, p, apply=apply, backend=backend, error_if_nonfinite=nonfinite == "error",
-        foreach=foreach, policy=_POLICIES[nonfinite], inv_scale=inv_scale,
+    return _clip(
+        grads, max_norm, p, apply=apply, backend=backend, error_if_nonfinite=nonfinite == "error", foreach=foreach,
+        policy=_POLICIES[nonfinite], inv_scale=inv_scale, dtypes=dtypes, group=group, excluded=excluded, fn=fn,
     )  # fmt: skip

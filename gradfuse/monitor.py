@@ -1,7 +1,10 @@
 """Taming exploding gradients: adaptive clip thresholds and per-layer norm telemetry, on the device.
 
 Everything here updates device tensors with torch ops and never reads them back, so a training step
-stays free of host syncs; ``GradClipper.stats()`` is the one place that reads (call it when you log).
+stays free of host syncs; ``GradClipper.stats()`` and ``NonFiniteCounter.as_dict()`` are the places
+that read (call them when you log).
+
+``NonFiniteCounter`` counts steps, non-finite steps and clipped steps from each ClipResult.
 
 Thresholds (each gives ``max_norm`` as a device tensor, which the kernels read on the device):
 
@@ -21,11 +24,82 @@ import numbers
 
 import torch
 
-from . import _validation as v
+from . import _layout, _validation as v
 from ._backends import requested_backend
 from ._engine import ClipResult
+from ._tracking import named_parameters
 from .clip import clip_grads
-from .training import NonFiniteCounter
+from .distributed import DistributedClipResult
+
+
+class NonFiniteCounter:
+    """Counts clip steps, non-finite steps and clipped steps on the device, with no host sync.
+
+    ``update(result)`` after each clip adds to int64 device tensors (created on the device of the
+    first result, or of ``device``): ``steps``, ``nonfinite_steps`` (found_inf set), ``clipped_steps``
+    (finite and coefficient below 1), ``consecutive_nonfinite`` (reset by a finite step). Read them
+    with :meth:`as_dict` (one host sync) or keep them on the device (e.g. to halt after N
+    consecutive overflows with ``torch._assert_async``). ``state_dict``/``load_state_dict`` for
+    checkpoints.
+    """
+
+    #: the counts, in the order of ``counts``.
+    FIELDS = ("steps", "nonfinite_steps", "clipped_steps", "consecutive_nonfinite")
+
+    def __init__(self, device: torch.device | str | None = None):
+        self.counts: torch.Tensor | None = None
+        if device is not None:
+            self.counts = torch.zeros(len(self.FIELDS), dtype=torch.int64, device=device)
+
+    def _on(self, device: torch.device) -> torch.Tensor:
+        if self.counts is None:
+            self.counts = torch.zeros(len(self.FIELDS), dtype=torch.int64, device=device)
+        elif self.counts.device != device:
+            self.counts = self.counts.to(device)
+        return self.counts
+
+    @torch.no_grad()
+    def update(self, result: ClipResult | None) -> None:
+        """Count one clip (None, a clip with no gradients, counts nothing)."""
+        if result is None:
+            return
+        found = result.found_inf.detach().reshape(()).ne(0).to(torch.int64)
+        clipped = result.clip_coef.detach().reshape(()).lt(1).to(torch.int64) * (1 - found)
+        counts = self._on(found.device)
+        counts.add_(torch.stack((torch.ones_like(found), found, clipped, found)))
+        counts[3].mul_(found)  # consecutive: (n + 1) * found
+
+    def __getattr__(self, name):
+        if name in NonFiniteCounter.FIELDS:
+            counts = self.__dict__.get("counts")
+            if counts is None:
+                return torch.zeros((), dtype=torch.int64)
+            return counts[NonFiniteCounter.FIELDS.index(name)]
+        raise AttributeError(name)
+
+    def as_dict(self) -> dict[str, int]:
+        """The counts as Python ints (one host sync)."""
+        values = [0] * len(self.FIELDS) if self.counts is None else self.counts.tolist()
+        return dict(zip(self.FIELDS, values))
+
+    def reset(self) -> None:
+        if self.counts is not None:
+            self.counts.zero_()
+
+    def state_dict(self) -> dict:
+        return {"counts": None if self.counts is None else self.counts.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        counts = state["counts"]
+        if counts is None:
+            self.counts = None
+        elif self.counts is None:
+            self.counts = counts.clone()
+        else:
+            self.counts.copy_(counts)
+
+    def __repr__(self) -> str:
+        return f"NonFiniteCounter(counts={self.counts})"
 
 
 def _real(owner: str, name: str, value, *, low: float, high: float = math.inf, low_open: bool = True, high_open: bool = False) -> float:
@@ -136,23 +210,6 @@ class QuantileThreshold:
             setattr(self, k, val)
 
 
-def _named(parameters) -> list[tuple[str, torch.Tensor]]:
-    """(name, parameter) pairs from named_parameters(), or from plain parameters named param<i>."""
-    items = v.as_list(parameters, "GradClipper")
-    named = []
-    for i, item in enumerate(items):
-        if isinstance(item, torch.Tensor):
-            named.append((f"param{i}", item))
-        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], torch.Tensor):
-            named.append(item)
-        else:
-            raise TypeError(
-                f"GradClipper: parameters[{i}] is of type {type(item).__name__}; pass model.named_parameters() "
-                "((name, parameter) pairs) or model.parameters()"
-            )
-    return named
-
-
 class GradClipper:
     """Clip a model's gradients each step and keep per-layer statistics on the device.
 
@@ -161,19 +218,33 @@ class GradClipper:
     ``max_norm``: a number or a threshold object (``ZScoreThreshold``, ``QuantileThreshold``).
     ``step()`` clips (``gradfuse.clip_grads``) and updates running statistics without a host sync:
     the step counts of a :class:`NonFiniteCounter` (``counter``), the last and the largest total
-    norm, and each layer's last and largest norm. ``stats()`` reads them back (one sync).
+    norm, and each layer's last and largest norm (NaN once the layer held a NaN). ``stats()`` reads
+    them back (one sync). ``history`` (:class:`gradfuse.NormHistory`) and ``telemetry``
+    (:class:`gradfuse.Telemetry`), when given, are fed every step with the threshold used and, for
+    ``nonfinite="skip"``, whether the step was skipped.
+
+    Sharded gradients (DTensors, or ``group=`` as in :func:`gradfuse.clip_grad_norm_`): the totals
+    and thresholds are global and the same on every rank. ``layer_norms``: record the per-layer
+    norms, which for sharded gradients are the global ones, gathered by one more collective per
+    step and mesh (None, the default: only when that costs nothing, i.e. for local gradients).
     """
 
-    def __init__(self, parameters, max_norm=1.0, norm_type: float = 2.0, *, nonfinite: str = "propagate", backend: str | None = None):
+    def __init__(
+        self, parameters, max_norm=1.0, norm_type: float = 2.0, *, nonfinite: str = "propagate", backend: str | None = None,
+        history=None, telemetry=None, group=None, layer_norms: bool | None = None,
+    ):  # fmt: skip
         fn = "GradClipper"
-        self.named = _named(parameters)
+        self.named = named_parameters(parameters, fn)
         self.names = [name for name, _ in self.named]
         self.threshold = max_norm if hasattr(max_norm, "threshold") else None
         self.max_norm = None if self.threshold is not None else v.check_max_norm(max_norm, fn)
         self.norm_type = v.check_norm_type(norm_type, fn)
         self.nonfinite = v.check_nonfinite(nonfinite, fn)
         self.backend = requested_backend(backend) if backend is not None else None
+        self.group = _layout.check_group(group, fn)
+        self.layer_norms = layer_norms
         self.counter = NonFiniteCounter()
+        self.history, self.telemetry = history, telemetry
         self._totals: torch.Tensor | None = None  # [last total norm, largest total norm]
         self._layer_last: torch.Tensor | None = None
         self._layer_max: torch.Tensor | None = None
@@ -182,14 +253,18 @@ class GradClipper:
     def step(self) -> ClipResult | None:
         params = [p for _, p in self.named]
         with_grad = [i for i, p in enumerate(params) if p.grad is not None]
-        if not with_grad:
+        if not with_grad and self.group is None:
             return None
-        device = params[with_grad[0]].grad.device
+        device = params[with_grad[0]].grad.device if with_grad else _layout.collective_device(self.group)
         max_norm = self.threshold.threshold(device) if self.threshold is not None else self.max_norm
-        result = clip_grads(params, max_norm, self.norm_type, nonfinite=self.nonfinite, backend=self.backend)
+        result = clip_grads(params, max_norm, self.norm_type, nonfinite=self.nonfinite, backend=self.backend, group=self.group)
         if self.threshold is not None:
             self.threshold.update(result.total_norm)
         self._record(result, with_grad, device)
+        skipped = result.found_inf if self.nonfinite == "skip" else None
+        for sink in (self.history, self.telemetry):
+            if sink is not None:
+                sink.update(result, max_norm=max_norm, skipped=skipped)
         return result
 
     @torch.no_grad()
@@ -205,9 +280,13 @@ class GradClipper:
         if self._index is None or self._index[0] != tuple(with_grad):  # copied once, not every step
             self._index = (tuple(with_grad), torch.tensor(with_grad, device=device))
         idx = self._index[1]
-        norms = r.tensor_norms.to(device, torch.float32)
+        sharded = isinstance(r, DistributedClipResult)
+        if not (self.layer_norms if self.layer_norms is not None else not sharded):
+            return
+        norms = (r.global_tensor_norms() if sharded else r.tensor_norms).to(device, torch.float32)
         self._layer_last.index_copy_(0, idx, norms)
-        self._layer_max.index_copy_(0, idx, torch.fmax(self._layer_max.index_select(0, idx), norms))
+        # torch.maximum, not fmax: a layer that held a NaN must show it, not hide behind its old max.
+        self._layer_max.index_copy_(0, idx, torch.maximum(self._layer_max.index_select(0, idx), norms))
 
     def stats(self, top_k: int = 5) -> dict:
         """Host copy of the statistics (one sync): counts, clip rate, norms, the top-k layers."""
@@ -217,9 +296,10 @@ class GradClipper:
         values = torch.cat(
             [self.counter.counts.double(), self._totals, self._layer_last.double(), self._layer_max.double()]
         ).tolist()  # one read for everything
-        counts = dict(zip(NonFiniteCounter._FIELDS, map(int, values[:4])))
-        last, largest = values[4:6]
-        last_layers, max_layers = values[6 : 6 + n], values[6 + n :]
+        k = len(NonFiniteCounter.FIELDS)
+        counts = dict(zip(NonFiniteCounter.FIELDS, map(int, values[:k])))
+        last, largest = values[k : k + 2]
+        last_layers, max_layers = values[k + 2 : k + 2 + n], values[k + 2 + n :]
         order = sorted(range(n), key=lambda i: -last_layers[i] if math.isfinite(last_layers[i]) else -math.inf)
         steps = counts["steps"]
         return {

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import params_from
+from helpers import params_from
 
 import gradfuse
 from gradfuse import _abi, _engine
@@ -151,3 +151,26 @@ def test_avx512_and_avx2_give_the_same_bits():
     if len(runs) < 2:
         pytest.skip(f"this CPU runs only {', '.join(runs)}")
     assert len(set(runs.values())) == 1
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_rows_make_every_dim0_slice_an_entry(backend):
+    """Target(rows=...): the plan's entries are dim-0 slices (unit-wise norms, AGC), measured in one
+    read and scaled one factor per row; a row whose factor is 1 is not touched."""
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(50, 30, generator=gen), torch.randn(7, generator=gen), torch.randn(4, 3, 2, 2, generator=gen).bfloat16()]
+    rows = (50, 1, 4)
+    dtypes = tuple(g.dtype for g in grads)
+    at = _engine.target(grads, dtypes, backend, rows=rows)
+    assert (at.plan is not None) == (backend == "cpu")
+    r = _engine.measure(at, 1.0, 2.0, dtypes=dtypes, stats=True)
+    want = torch.cat([grads[0].double().norm(dim=1), grads[1].double().norm().reshape(1), grads[2].double().reshape(4, -1).norm(dim=1)])
+    torch.testing.assert_close(r.tensor_norms.double(), want, rtol=1e-6, atol=0)
+    assert r.tensor_counts.shape == (55, 2) and r.tensor_max_abs.shape == (55,)
+    factors = torch.ones(55)
+    factors[3], factors[50], factors[52] = 0.5, 0.25, 0.125
+    before = [g.clone() for g in grads]
+    _engine.apply_scale(at, factors, per_tensor=True)
+    assert torch.equal(grads[0][3], before[0][3] * 0.5) and torch.equal(grads[0][4:], before[0][4:])
+    assert torch.equal(grads[1], before[1] * 0.25)
+    assert torch.equal(grads[2][1], before[2][1] * 0.125) and torch.equal(grads[2][2:], before[2][2:])

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.utils as tnu
-from conftest import (
+from helpers import (
     BACKENDS_CPU,
     CPU_BACKENDS,
     FUSED_CPU_BACKENDS,
@@ -23,12 +23,13 @@ from conftest import (
     chunk_size,
     param_with_grad,
     params_from,
+    required_backend_errors,
     snapshot,
     twin_params,
 )
 
 import gradfuse
-from gradfuse import _abi, _backends, _engine, _plan
+from gradfuse import _abi, _backends, _engine, _plan, ops
 
 
 def randn(*shape, dtype=torch.float32, seed=0):
@@ -51,50 +52,22 @@ def test_auto_on_cpu_picks_cpu_when_built():
     assert _backends.choose("auto", torch.device("cpu")) is (_backends.FUSED_BACKENDS["cpu"] if want == "cpu" else None)
 
 
+def test_required_backends_check():
+    """GRADFUSE_TEST_REQUIRE's check: a backend that runs here on any device the tests run it on
+    passes; one that runs nowhere, or a name that is no backend, is an error with the reason."""
+    assert required_backend_errors(["torch", *BACKENDS_CPU]) == []
+    (bogus,) = required_backend_errors(["bogus"])
+    assert "'bogus' is not a backend" in bogus and "cpu" in bogus
+    if not torch.cuda.is_available():
+        (cuda,) = required_backend_errors(["cuda"])
+        assert cuda == "'cuda' cannot run here: on cuda tensors, no CUDA device"
+
+
 def test_cpu_module_built_when_a_compiler_is_present():
     """CI installs with a C++ compiler: the cpu backend must be there (the reference is not a build)."""
     if importlib.util.find_spec("gradfuse._C_cpu") is None:
         pytest.skip("gradfuse._C_cpu is not built in this checkout")
     assert "cpu" in gradfuse.available_backends("cpu")
-
-
-def _cuda_module_without_gpu():
-    if importlib.util.find_spec("gradfuse._C_cuda") is None:
-        pytest.skip("gradfuse._C_cuda is not built (no nvcc at install time)")
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA device is present")
-    return importlib.import_module("gradfuse._C_cuda")
-
-
-def test_cuda_module_without_a_gpu_says_why():
-    """Built by nvcc in CI: it imports, counts no device, and the backend's reason carries CUDA's own."""
-    m = _cuda_module_without_gpu()
-    assert m.device_count() == 0
-    why = m.device_error(0)
-    assert why.startswith("no CUDA device")
-    reason = _backends.FUSED_BACKENDS["cuda"].unavailable_reason(torch.device("cuda"))
-    assert reason == f"gradfuse._C_cuda: {why}"
-    assert "cuda" not in gradfuse.available_backends("cuda")
-
-
-def test_cuda_module_checks_arguments_before_touching_a_device():
-    """Bad tables are named before any CUDA call, so they show even with no GPU."""
-    m = _cuda_module_without_gpu()
-    args = dict(
-        addrs=8, numels=8, dtypes=8, tensor_chunk_begin=8, chunk_tensor=8, chunk_start=8, num_tensors=1,
-        num_chunks=1, chunk_size=1024, max_tensor_chunks=1, norm_kind=_abi.NORM_P, p=math.nan, max_norm=1.0,
-        max_norm_ptr=0, inv_scale_ptr=0, policy=_abi.POLICY_PROPAGATE, chunk_partials=8, chunk_nonfinite=8,
-        ticket=8, tensor_norms=8, result=8, device_index=0, stream=0,
-    )  # fmt: skip
-    with pytest.raises(RuntimeError, match=r"gradfuse\._C_cuda\.reduce: NORM_P needs a finite non-zero p, got nan"):
-        m.reduce(**args)
-    with pytest.raises(RuntimeError, match=r"gradfuse\._C_cuda\.reduce: unknown policy 7"):
-        m.reduce(**{**args, "p": 3.0, "policy": 7})
-    with pytest.raises(RuntimeError, match=r"gradfuse\._C_cuda\.reduce: no CUDA device"):
-        m.reduce(**{**args, "p": 3.0})
-    with pytest.raises(RuntimeError, match=r"gradfuse\._C_cuda\.scale: null scale address"):
-        m.scale(addrs=8, numels=8, dtypes=8, chunk_tensor=8, chunk_start=8, num_chunks=1, chunk_size=1024,
-                scale_ptr=0, zero_if_scale_is_zero=False, device_index=0, stream=0)  # fmt: skip
 
 
 def test_reference_path_costs_a_few_ops_per_group_not_per_tensor():
@@ -449,16 +422,22 @@ def test_opcheck_scale(backend, scale, zero):
 def test_clip_op_results(backend):
     grads = [randn(5, 3), randn(4, dtype=torch.float16)]
     before = [g.clone() for g in grads]
-    packed, norms, *_ = torch.ops.gradfuse.clip_(grads, 0.5, None, 2.0, True, _abi.POLICY_PROPAGATE, None, backend)
-    assert packed.shape == (4,) and packed.dtype == torch.float32
-    assert norms.shape == (2,) and norms.dtype == torch.float32
+    outputs = torch.ops.gradfuse.clip_(grads, 0.5, None, 2.0, True, _abi.POLICY_PROPAGATE, None, backend)
+    assert len(outputs) == len(ops.RESULT_FIELDS)
+    r = ops.unpack(outputs, grads, backend, 2.0)
+    for name, dtype, shape in ops.RESULT_FIELDS:  # every field as declared
+        field = getattr(r, name)
+        assert field.dtype == (dtype or torch.float32) and field.shape == tuple(len(grads) if n == ops.T else n for n in shape), name
     total = math.sqrt(sum(float(b.double().pow(2).sum()) for b in before))
-    assert_close_rel(float(packed[_abi.RESULT_TOTAL]), total, 1e-6)
-    assert float(packed[_abi.RESULT_FOUND_INF]) == 0.0
-    assert_close_rel(float(packed[_abi.RESULT_COEF]), 0.5 / (total + 1e-6), 1e-6)
+    assert_close_rel(float(r.total_norm), total, 1e-6)
+    assert float(r.found_inf) == 0.0
+    assert_close_rel(float(r.clip_coef), 0.5 / (total + 1e-6), 1e-6)
+    for got, b in zip(r.tensor_norms.tolist(), before):
+        assert_close_rel(got, float(b.double().norm()), 1e-6)
     assert_close_rel(float(grads[0].double().norm() ** 2 + grads[1].double().norm() ** 2) ** 0.5, 0.5, 2e-3)
-    packed64, *_ = torch.ops.gradfuse.clip_([randn(3, dtype=torch.float64)], 0.5, None, 2.0, False, 0, None, backend)
-    assert packed64.dtype == torch.float64
+    grads64 = [randn(3, dtype=torch.float64)]
+    r64 = ops.unpack(torch.ops.gradfuse.clip_(grads64, 0.5, None, 2.0, False, 0, None, backend), grads64, backend, 2.0)
+    assert r64.total_norm.dtype == r64.tensor_norms.dtype == torch.float64
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 import torch._dynamo
-from conftest import CPU_BACKENDS, assert_unchanged, bits, params_from, snapshot
+from helpers import CPU_BACKENDS, assert_unchanged, bits, params_from, snapshot
 
 import gradfuse
 
@@ -184,3 +184,19 @@ def test_compiled_dtypes(backend, dtype):
     assert float(got) == pytest.approx(float(want), rel=1e-6)
     for a, b in zip(pc, pe):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["norm_then_clip", "error_if_nonfinite"])
+def test_compiled_fp64_scale_is_bitwise_eager(backend, kind):
+    """The scale pass under compile gets the factor eager gets (fp64 for fp64 gradients, not
+    rounded to fp32 on the way into the op)."""
+    g = torch.Generator().manual_seed(8)
+    grads = [torch.randn(50, generator=g, dtype=torch.float64), torch.randn(7, generator=g, dtype=torch.float64)]
+    pe, pc = params_from([x.clone() for x in grads]), params_from([x.clone() for x in grads])
+    clip = clip_fn(kind, backend, max_norm=0.3)
+    want = clip(pe)
+    got = torch.compile(clip, fullgraph=True, backend="aot_eager")(pc)
+    assert float(want) > 0.3 and bits(got).equal(bits(want))
+    for a, b in zip(pc, pe):
+        assert bits(a.grad).equal(bits(b.grad))

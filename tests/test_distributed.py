@@ -1,74 +1,82 @@
-"""DTensor gradients (FSDP2, tensor parallel): routed to the reference path, with torch's results.
+"""Distributed clipping on real process groups: gloo on 127.0.0.1, one spawn per world size.
 
-One process, a one-rank gloo group on the CPU: enough to exercise DTensor dispatch of every op the
-reference path runs (foreach norms, stack, the scale) and the type of what comes back.
+Each world size (2 and 4 ranks) is one spawn that runs every case of ``tests/dist_cases.py`` in
+its ranks (DDP, FSDP2 with uneven and empty shards, TP + Replicate, HSDP, dp x tp, dense + expert
+meshes, pipeline stages through ``group=``, every p, fp32 and bf16, NaN on one rank under every
+policy, the training entry points); here each case is one test reading what every rank reported.
+The process group has a 30 s timeout so a hang fails fast, and every process is ended.
 """
 
 from __future__ import annotations
 
-import math
+import json
+import os
+import socket
+import time
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
-import gradfuse
+import dist_cases
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available"
+)
+
+SPAWN_TIMEOUT_S = 240  # start-up (10-25 s per spawn on 2 cores) plus every case
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world: int, out: str) -> dict[int, dict[str, str]]:
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=dist_cases.run, args=(r, world, port, out), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    try:
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:  # a rank still running after the deadline is hung: end it
+            if p.is_alive():
+                p.kill()
+                p.join()
+    reports = {}
+    for r in range(world):
+        path = os.path.join(out, f"rank{r}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                reports[r] = json.load(f)
+    return reports
+
+
+_REPORTS: dict[int, dict] = {}
 
 
 @pytest.fixture(scope="module")
-def mesh():
-    from torch.distributed.device_mesh import init_device_mesh
+def reports(tmp_path_factory):
+    def get(world: int) -> dict[int, dict[str, str]]:
+        if world not in _REPORTS:
+            _REPORTS[world] = _spawn(world, str(tmp_path_factory.mktemp(f"world{world}")))
+        return _REPORTS[world]
 
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised")
-    if not dist.is_gloo_available():
-        pytest.skip("this torch build has no gloo backend")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
+    return get
 
 
-def _dtensor_params(mesh, seed: int, poison: float | None = None):
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-
-    gen = torch.Generator().manual_seed(seed)
-    params = []
-    for i, (shape, placement) in enumerate((((8, 4), Shard(0)), ((5,), Replicate()), ((3, 6), Shard(1)))):
-        grad = torch.randn(shape, generator=gen) * 3
-        if poison is not None and i == 1:
-            grad[2] = poison
-        p = torch.nn.Parameter(distribute_tensor(torch.zeros(shape), mesh, [placement]))
-        p.grad = distribute_tensor(grad, mesh, [placement])
-        params.append(p)
-    return params
-
-
-@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
-@pytest.mark.parametrize("max_norm", [0.5, 1e6])
-def test_dtensor_grads_clip_like_torch(mesh, norm_type, max_norm):
-    from torch.distributed.tensor import DTensor
-
-    ours, theirs = _dtensor_params(mesh, 0), _dtensor_params(mesh, 0)
-    got = gradfuse.clip_grad_norm_(ours, max_norm, norm_type)
-    want = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type)
-    assert isinstance(got, DTensor) and isinstance(want, DTensor)
-    torch.testing.assert_close(got.full_tensor(), want.full_tensor(), rtol=2e-6, atol=0)
-    for a, b in zip(ours, theirs):
-        assert isinstance(a.grad, DTensor) and a.grad.placements == b.grad.placements
-        torch.testing.assert_close(a.grad.full_tensor(), b.grad.full_tensor(), rtol=4e-6, atol=0)
-
-
-def test_dtensor_grads_take_the_reference_path_with_device_results(mesh):
-    from torch.distributed.tensor import DTensor
-
-    params = _dtensor_params(mesh, 1, poison=math.nan)
-    before = [p.grad.full_tensor().clone() for p in params]
-    res = gradfuse.clip_grads(params, 1.0, nonfinite="skip")
-    assert res.backend == "torch"
-    assert isinstance(res.found_inf, DTensor) and float(res.found_inf.full_tensor()) == 1.0
-    for p, b in zip(params, before):  # skip: nothing touched
-        torch.testing.assert_close(p.grad.full_tensor(), b, equal_nan=True, rtol=0, atol=0)
+@pytest.mark.parametrize(
+    "world,name", [pytest.param(w, n, id=f"{w}ranks-{n}") for w in (2, 4) for n in dist_cases.names(w)]
+)
+def test_case(reports, world, name):
+    got = reports(world)
+    missing = [r for r in range(world) if name not in got.get(r, {})]
+    assert not missing, f"ranks {missing} did not report {name} (crashed or hung: see the ranks' output)"
+    failures = {r: got[r][name] for r in range(world) if got[r][name] != "ok"}
+    assert not failures, "\n".join(f"rank {r}:\n{tb}" for r, tb in failures.items())

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import CPU_BACKENDS, FUSED_CPU_BACKENDS, assert_close_rel, assert_scaled, assert_unchanged, param_with_grad, params_from, ref_coef, ref_norms, snapshot
+from helpers import CPU_BACKENDS, FUSED_CPU_BACKENDS, assert_close_rel, assert_scaled, assert_unchanged, param_with_grad, params_from, ref_coef, ref_norms, snapshot
 
 import gradfuse
 from gradfuse import _engine, _plan

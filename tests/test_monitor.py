@@ -99,7 +99,7 @@ def test_grad_clipper_takes_plain_parameters_too():
         (([("w", 3)], 1.0), TypeError, r"parameters\[0\] is of type tuple"),
         ((None, 1.0), TypeError, "GradClipper: parameters must be"),
         (((), -1.0), ValueError, "GradClipper: max_norm must be >= 0"),
-        (((), 1.0, "two"), TypeError, "GradClipper: norm_type"),
+        (((), 1.0, "two"), ValueError, "GradClipper: norm_type"),
     ],
 )
 def test_grad_clipper_rejects_bad_arguments_at_construction(args, error, match):
@@ -130,10 +130,25 @@ def test_grad_clipper_counts_and_layers_match_torch():
     _set_grads(ref, 0.02)  # the last step's gradients, before clipping
     last = {n: float(torch.linalg.vector_norm(q.grad)) for n, q in zip(names, ref.parameters())}
     assert [n for n, _ in stats["top_layers"]] == sorted(last, key=last.get, reverse=True)[:2]
-    _set_grads(ref, 5.0)
-    per_layer = [float(torch.linalg.vector_norm(q.grad)) for q in ref.parameters()]
-    for name, expect in zip(names, per_layer):
-        assert stats["layer_max_norms"][name] == pytest.approx(expect, rel=1e-6)
+    # Every layer held NaNs at step 2: the running max shows it (fmax would hide it behind 5.0's).
+    assert all(math.isnan(stats["layer_max_norms"][name]) for name in names)
+
+
+def test_grad_clipper_layer_max_shows_nan_of_one_layer_and_stays_aligned_with_a_frozen_layer():
+    model = _model()
+    model[0].weight.requires_grad_(False)  # frozen: no gradient, no row in the clip's result
+    clipper = GradClipper(model.named_parameters(), max_norm=1e6)
+    for scale in (1.0, 3.0):
+        for i, p in enumerate(model.parameters()):
+            p.grad = None if i == 0 else torch.full_like(p, scale * (i + 1))
+        if scale == 3.0:
+            model[2].weight.grad[0, 0] = float("nan")
+        clipper.step()
+    stats = clipper.stats()["layer_max_norms"]
+    assert stats["0.weight"] == 0.0  # never had a gradient
+    assert stats["0.bias"] == pytest.approx(3.0 * 2 * math.sqrt(5), rel=1e-6)  # 5 elements of 3 * 2
+    assert math.isnan(stats["2.weight"])
+    assert stats["2.bias"] == pytest.approx(3.0 * 4, rel=1e-6)
 
 
 def test_grad_clipper_with_adaptive_threshold_clips_a_spike():

@@ -18,7 +18,7 @@ import math
 import re
 import pytest
 import torch
-from conftest import (
+from helpers import (
     CPU_BACKENDS,
     assert_close_rel,
     assert_scaled,

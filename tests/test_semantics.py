@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.utils as tnu
-from conftest import (
+from helpers import (
     HALF_ULP,
     PARITY_RTOL,
     assert_bitwise_equal,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradfuse
-from gradfuse import training
+from gradfuse import _handoff
 from gradfuse.training import (
     NonFiniteCounter,
     OptimizerClipper,
@@ -82,7 +82,7 @@ def _train(opt_name, clip_and_step, *, bad_steps=None, scaler=None, steps=STEPS,
             scales.append(scaler.get_scale())
         opt.zero_grad()
         assert getattr(opt, "grad_scale", None) is None and getattr(opt, "found_inf", None) is None
-    assert id(opt) not in training._PENDING
+    assert id(opt) not in _handoff.PENDING
     return traj, scales, opt
 
 
@@ -163,7 +163,7 @@ def test_handoff_false_uses_the_scale_pass(backend):
     coef = min(1.0, MAX_NORM / (float(norm) + 1e-6))
     for p, g in zip(model.parameters(), ref):
         torch.testing.assert_close(p.grad, g * coef)
-    assert id(opt) not in training._PENDING
+    assert id(opt) not in _handoff.PENDING
 
 
 def test_scale_is_consumed_by_exactly_one_step(backend):
@@ -239,7 +239,7 @@ def test_step_with_closure_after_handoff_refuses():
     before = _flat(model)
     with pytest.raises(RuntimeError, match="closure"):
         opt.step(closure)
-    assert torch.equal(_flat(model), before) and id(opt) not in training._PENDING
+    assert torch.equal(_flat(model), before) and id(opt) not in _handoff.PENDING
     assert getattr(opt, "grad_scale", None) is None
     opt.step(closure)  # nothing pending: a plain closure step
 
@@ -248,7 +248,7 @@ def test_no_grads_returns_none():
     model = _model()
     opt = OPTIMIZERS["adamw-fused"](model.parameters())
     assert clip_grad_norm_for_optimizer_(opt, MAX_NORM) is None
-    assert id(opt) not in training._PENDING
+    assert id(opt) not in _handoff.PENDING
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,7 +367,7 @@ def test_error_raises_once_before_touching_anything(backend):
     assert counter.count == 1  # the one documented sync
     for p, g in zip(model.parameters(), before):
         torch.testing.assert_close(p.grad, g, equal_nan=True)
-    assert id(opt) not in training._PENDING and getattr(opt, "grad_scale", None) is None
+    assert id(opt) not in _handoff.PENDING and getattr(opt, "grad_scale", None) is None
     # finite gradients: error behaves like propagate, after the same single sync
     opt.zero_grad()
     F.mse_loss(model(X[0]), Y[0]).backward()
@@ -406,7 +406,7 @@ def test_nonfinite_counter_counts(backend):
     other.load_state_dict(state)
     assert other.as_dict() == counter.as_dict()
     counter.reset()
-    assert counter.as_dict() == dict.fromkeys(NonFiniteCounter._FIELDS, 0)
+    assert counter.as_dict() == dict.fromkeys(NonFiniteCounter.FIELDS, 0)
     assert NonFiniteCounter().as_dict()["steps"] == 0
     counter.update(None)  # a clip with no gradients counts nothing
     assert int(counter.steps) == 0
