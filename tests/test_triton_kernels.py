@@ -21,7 +21,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import assert_bitwise_equal, bits
+from helpers import assert_bitwise_equal, bits
 
 from gradfuse import _abi
 
