@@ -151,7 +151,7 @@ def _root(kind, p, s: float, inv: float) -> float:
 def _coef(max_norm: float, x: float) -> float:
     t32 = float(torch.tensor(x, dtype=torch.float32))
     t = x if math.isinf(t32) else t32
-    c = max_norm / (t + _abi.CLIP_EPS) if t + _abi.CLIP_EPS != 0 else math.inf
+    c = max_norm / (t + _abi.CLIP_EPS)
     return float(torch.clamp(torch.tensor(c, dtype=torch.float64), max=1.0))  # NaN stays NaN
 
 
