@@ -1,15 +1,19 @@
 """gradfuse's Triton kernels (``gradfuse.triton_kernels``): the two phases of ``gradfuse._abi``.
 
-* ``reduce(plan, norm_kind, p, max_norm, max_norm_tensor, inv_scale, policy, tensor_norms, result)``:
-  one launch, every gradient read once; per-tensor norms, total, found_inf, coef, scale.
-* ``scale(plan, scale, zero_if_scale_is_zero)``: one launch, gradients scaled in place unless
-  ``scale == 1``.
+* ``reduce(desc, device)``: one launch, every gradient read once; the workspace, then per-tensor
+  norms / S_t / max |x| / NaN-Inf counts (and factors), total, found_inf, coef and scale.
+* ``scale(desc, device)``: one launch, gradients scaled in place by their chunk's factor, untouched
+  where it is 1.
 
-CUDA tensors, or CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1`` before triton is
-imported). Build plans with ``CHUNK_SIZE`` (any chunk size works; tests use small ones).
+``desc`` is the plan's ``gradfuse._abi.ClipDesc`` (read field by field; every buffer is an address
+on ``device``). CUDA tensors, or CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``
+before triton is imported). Build plans with ``CHUNK_SIZE`` (any chunk size works; tests use small
+ones). A descriptor field the kernels cannot run with raises ValueError naming it, before any memory
+is touched.
 """
 
-from .multi_tensor_norm import _INTERPRET as INTERPRETED, CHUNK_SIZE, reduce
+from ._common import INTERPRETED
+from .multi_tensor_norm import CHUNK_SIZE, reduce
 from .multi_tensor_scale import scale
 
 # INTERPRETED: the kernels were built by Triton's interpreter (TRITON_INTERPRET=1 when this package

@@ -1,44 +1,42 @@
-"""Pieces shared by the gradfuse Triton kernels: ABI constants, typed access to raw addresses.
+"""Pieces shared by the gradfuse Triton kernels: ABI constants, element access, the launch context.
 
-The plan hands every gradient as an int64 address plus a dtype tag (``gradfuse._abi``). A kernel
-turns the address into a typed pointer inside the kernel (``addr.to(tl.pointer_type(tl.float16))``)
-and streams a chunk through three regions, so the hot loop has no mask and aligned, wide loads::
+Every table, workspace and output buffer reaches a kernel as the int64 address the descriptor holds
+(``gradfuse._abi.ClipDesc``); the kernel casts it to a typed pointer
+(``addr.to(tl.pointer_type(tl.float32))``), as it does for the gradient addresses of the ``addrs``
+table. A chunk of a gradient is streamed through three regions, so the hot loop has no mask and
+aligned, wide loads::
 
     head  [0, h)                  h < 16 bytes / element size: elements before the first 16-byte
                                   boundary (0 for every allocation torch makes; views may have some)
     body  [h, h + n_full * BLOCK)  unmasked BLOCK-wide accesses from a 16-byte aligned pointer
     tail  [h + n_full * BLOCK, n)  one masked BLOCK-wide access
 
-Interpreter (TRITON_INTERPRET=1, CPU tensors): the interpreter has no libdevice and rounds fp32 to
-bf16 by truncation, so the kernels take an ``INTERPRET`` constexpr that swaps in exact numpy-friendly
-equivalents (bf16 handled as its bit pattern with explicit round-to-nearest-even; pow as
-exp2/log2 in fp64). The GPU build never compiles those branches.
+Elements are read and written through ``load_f32`` / ``store_f32``, ``|x|^y`` is ``pow_abs``, and
+reductions and scans with a combine function of our own are ``block_reduce`` / ``block_scan``.
+Under Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) these names are bound to the stand-ins
+of ``_interpreter.py`` instead (the interpreter converts bf16 inexactly, has no libdevice, and runs
+such combine functions one element at a time), so the kernels themselves have no interpreter
+branch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import struct
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+from triton.runtime.interpreter import InterpretedFunction
 
 from gradfuse import _abi
 
 # ABI constants as constexprs (globals read inside @triton.jit functions must be constexpr).
 DTYPE_F32 = tl.constexpr(_abi.DTYPE_F32)
 DTYPE_F16 = tl.constexpr(_abi.DTYPE_F16)
-DTYPE_BF16 = tl.constexpr(_abi.DTYPE_BF16)
 
-NORM_L2 = tl.constexpr(_abi.NORM_L2)
-NORM_L1 = tl.constexpr(_abi.NORM_L1)
-NORM_P = tl.constexpr(_abi.NORM_P)
-NORM_INF = tl.constexpr(_abi.NORM_INF)
-NORM_NEG_INF = tl.constexpr(_abi.NORM_NEG_INF)
-NORM_L0 = tl.constexpr(_abi.NORM_L0)
-
+POLICY_PROPAGATE = tl.constexpr(_abi.POLICY_PROPAGATE)
 POLICY_SKIP = tl.constexpr(_abi.POLICY_SKIP)
 POLICY_ZERO = tl.constexpr(_abi.POLICY_ZERO)
 
@@ -48,77 +46,124 @@ RESULT_COEF = tl.constexpr(_abi.RESULT_COEF)
 RESULT_SCALE = tl.constexpr(_abi.RESULT_SCALE)
 
 CLIP_EPS = tl.constexpr(_abi.CLIP_EPS)
+RESCAN_TERM_LOG2 = tl.constexpr(_abi.RESCAN_TERM_LOG2)
 
 ALIGN_BYTES = tl.constexpr(16)  # the width of one vector access (ld.global.v4.b32)
 
 
-def interpreting(kernel) -> bool:
-    """Whether ``kernel`` (a @triton.jit object) runs in Triton's interpreter."""
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover - every supported triton has it
-        return False
-    return isinstance(kernel, InterpretedFunction)
+def fail(message: str):
+    """A descriptor field the kernels cannot run with: raised before any memory is touched."""
+    raise ValueError(f"gradfuse.triton_kernels: {message}")
 
 
-def check_device(device: torch.device, interpret: bool) -> None:
+# ---- element access (the GPU versions; see the module docstring for the interpreter's) ------------
+@triton.jit
+def load_f32(ptrs, mask):
+    """Gradient elements as fp32; with a mask, masked-off lanes read 0."""
+    if mask is None:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=mask, other=0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def store_f32(ptrs, y, mask):
+    """fp32 values ``y`` into gradient elements, one rounding to their dtype (to nearest even)."""
+    out = y.to(ptrs.dtype.element_ty)
+    if mask is None:
+        tl.store(ptrs, out)
+    else:
+        tl.store(ptrs, out, mask=mask)
+
+
+@triton.jit
+def pow_abs(x, y):
+    """|x|^y in the dtype of x and y (libdevice: powf for fp32, pow for fp64)."""
+    return libdevice.pow(tl.abs(x), y)
+
+
+#: The kernels were built by Triton's interpreter (TRITON_INTERPRET=1 when triton decorated them):
+#: they run on CPU tensors only; otherwise on CUDA tensors only.
+INTERPRETED = isinstance(load_f32, InterpretedFunction)
+
+
+def annotated(kernel):
+    """Decorates a kernel whose scalar parameters are typed by annotations (``addr: tl.int64``,
+    ``p: tl.float64``): Triton's GPU build honours them as they are (its interpreter does not)."""
+    return kernel
+
+
+block_reduce = tl.reduce  # over a block, with a combine function of our own
+block_scan = tl.associative_scan
+
+if INTERPRETED:
+    from ._interpreter import annotated, block_reduce, block_scan, load_f32, pow_abs, store_f32  # noqa: F401, F811
+
+
+# ---- NaN-propagating max / min, for the reductions (torch.max / min propagate NaN) ---------------
+@triton.jit
+def max_nan(a, b):
+    """max(a, b), NaN if either is NaN."""
+    return tl.where(a != a, a, tl.where(a > b, a, b))
+
+
+@triton.jit
+def min_nan(a, b):
+    """min(a, b), NaN if either is NaN."""
+    return tl.where(a != a, a, tl.where(a < b, a, b))
+
+
+# ---- the chunk walk ----------------------------------------------------------------------------
+@triton.jit
+def head_length(ptr, n):
+    """Elements of the chunk at ``ptr`` (``n`` elements) before its first 16-byte boundary."""
+    ESIZE: tl.constexpr = ptr.dtype.element_ty.primitive_bitwidth // 8
+    VEC: tl.constexpr = ALIGN_BYTES // ESIZE
+    mis = ((ptr.to(tl.int64) % ALIGN_BYTES) // ESIZE).to(tl.int32)
+    return tl.minimum((VEC - mis) % VEC, n)
+
+
+# ---- host side -----------------------------------------------------------------------------------
+def check_device(device: torch.device) -> None:
     """Raw addresses are dereferenced where the kernel runs: host memory for the interpreter."""
-    if interpret and device.type != "cpu":
+    if INTERPRETED and device.type != "cpu":
         raise RuntimeError(
             "gradfuse.triton_kernels runs in Triton's interpreter (TRITON_INTERPRET=1), which reads "
             f"host memory: it needs CPU tensors, not {device.type} tensors"
         )
-    if not interpret and device.type != "cuda":
+    if not INTERPRETED and device.type != "cuda":
         raise RuntimeError(
             f"gradfuse.triton_kernels runs on CUDA tensors, not {device.type} tensors "
             "(set TRITON_INTERPRET=1 before importing triton to interpret them on the CPU)"
         )
 
 
-def launch_context(device: torch.device, interpret: bool):
+def launch_context(device: torch.device):
     """The context a launch runs in: the plan's CUDA device; numpy quiet about inf/NaN when interpreted."""
-    if interpret:
+    if INTERPRETED:
         return np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore")
     if device.type == "cuda":
         return torch.cuda.device(device)
     return contextlib.nullcontext()
 
 
-def f64_bits(x: float) -> int:
-    """The bits of a Python float as a signed int64: passes a double to a kernel without rounding."""
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+def require(desc: _abi.ClipDesc, *fields: str) -> None:
+    """Every named address field of ``desc`` is set (not 0)."""
+    for name in fields:
+        if getattr(desc, name) == 0:
+            fail(f"{name} is 0")
 
 
-@triton.jit
-def as_f64(bits):
-    """Inverse of ``f64_bits`` inside a kernel (small values arrive as int32: widen first)."""
-    return bits.to(tl.int64).to(tl.float64, bitcast=True)
-
-
-@triton.jit
-def load_f32(ptrs, mask, MASKED: tl.constexpr, BF16_BITS: tl.constexpr):
-    """Load gradient elements as fp32. BF16_BITS: ``ptrs`` are uint16 bf16 bit patterns (interpreter)."""
-    if MASKED:
-        x = tl.load(ptrs, mask=mask, other=0)
-    else:
-        x = tl.load(ptrs)
-    if BF16_BITS:
-        return (x.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    return x.to(tl.float32)
-
-
-@triton.jit
-def f32_to_bf16_bits(y):
-    """fp32 -> bf16 bit pattern, round to nearest even, NaN kept NaN (the interpreter truncates)."""
-    bits = y.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    quiet_nan = (bits >> 16) | 0x40
-    return tl.where(y != y, quiet_nan, rounded).to(tl.uint16)
-
-
-@triton.jit
-def head_length(addr, n, ESIZE: tl.constexpr):
-    """Elements of a chunk that starts at byte address ``addr`` before its first 16-byte boundary."""
-    VEC: tl.constexpr = ALIGN_BYTES // ESIZE
-    mis = ((addr % ALIGN_BYTES) // ESIZE).to(tl.int32)
-    return tl.minimum((VEC - mis) % VEC, n)
+def check_plan(desc: _abi.ClipDesc) -> None:
+    """The plan fields both phases read: sizes, flags, and the tables of a plan with chunks."""
+    if desc.chunk_size < 1:
+        fail(f"chunk_size must be positive, got {desc.chunk_size}")
+    if desc.num_chunks < 0:
+        fail(f"num_chunks must be >= 0, got {desc.num_chunks}")
+    if desc.num_tensors < 0:
+        fail(f"num_tensors must be >= 0, got {desc.num_tensors}")
+    if desc.flags & ~(_abi.FLAG_WRITE_TENSOR_SCALES | _abi.FLAG_READ_TENSOR_SCALES):
+        fail(f"flags {desc.flags} has bits outside FLAG_WRITE_TENSOR_SCALES | FLAG_READ_TENSOR_SCALES")
+    if desc.num_chunks > 0:
+        require(desc, "addrs", "numels", "dtypes", "chunk_tensor", "chunk_start")
