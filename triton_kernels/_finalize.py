@@ -72,14 +72,14 @@ def _store_tensors(
     WRITE_SCALES: tl.constexpr,  # FLAG_WRITE_TENSOR_SCALES
 ):
     """Every per-tensor output of the tensors in ``mask``."""
-    norm = KIND.root(s, p, inv).to(tl.float32)
+    norm64 = KIND.root(s, p, inv)
     tl.store(tensor_partials_ptr + t, s, mask=mask)
-    tl.store(tensor_norms_ptr + t, norm, mask=mask)
+    tl.store(tensor_norms_ptr + t, norm64.to(tl.float32), mask=mask)
     tl.store(tensor_max_abs_ptr + t, max_abs, mask=mask)
     tl.store(tensor_counts_ptr + 2 * t, nans, mask=mask)
     tl.store(tensor_counts_ptr + 2 * t + 1, infs, mask=mask)
     if WRITE_SCALES:
-        scale = _clip_coef(max_norm, norm.to(tl.float64)) * inv  # coef of fp32(norm_t), as documented
+        scale = _clip_coef(max_norm, norm64) * inv  # fp32(norm_t), or the fp64 norm where that overflows
         tl.store(tensor_scales_ptr + t, scale.to(tl.float32), mask=mask)
 
 
