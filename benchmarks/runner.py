@@ -149,6 +149,9 @@ def run_suite(settings: Settings, gradfuse, progress) -> SuiteRun:
     estimate_cells(cells, copy_before["gbps"], settings.repeat, settings.cache_bytes, cuda=device.type == "cuda")
     progress.start(cells, settings.clock)
     remaining = sum(c.estimate_s for c in cells)
+    # Compile cells yield (they are skipped when they would not fit), so only the timed cells left
+    # decide whether the timed cells must hurry.
+    remaining_timed = sum(c.estimate_s for c in cells if not c.impl.compiled)
     for (_, dtype_set), group_cells in itertools.groupby(cells, key=lambda c: (c.workload.name, c.dtype_set)):
         group_cells = list(group_cells)
         w = group_cells[0].workload
@@ -157,12 +160,14 @@ def run_suite(settings: Settings, gradfuse, progress) -> SuiteRun:
         group = None if settings.clock.past_budget() else _make_group(settings, w, dtype_set, run)
         for cell in group_cells:
             remaining -= cell.estimate_s
+            if not cell.impl.compiled:
+                remaining_timed -= cell.estimate_s
             if settings.clock.past_budget():
                 run.rows.append(_not_run(cell, f"not run: past the run's time budget of {settings.clock.budget_s:.0f} s"))
             if group is None or settings.clock.past_budget():
                 progress.advance(cell, None)
                 continue
-            _run_scheduled(settings, run, group, cell, gradfuse, progress, remaining)
+            _run_scheduled(settings, run, group, cell, gradfuse, progress, remaining, remaining_timed)
         del group
         _free(device)
     _copy_bandwidth_after(settings, run, copy_before)
@@ -170,9 +175,11 @@ def run_suite(settings: Settings, gradfuse, progress) -> SuiteRun:
     return run
 
 
-def _run_scheduled(settings: Settings, run: SuiteRun, group: GradGroup, cell: Cell, gradfuse, progress, remaining_s: float) -> None:
-    """Run one cell of the plan: hurried once the run is behind its budget; timed and recorded."""
-    if not run.hurried and settings.clock.behind(cell.estimate_s + remaining_s):
+def _run_scheduled(settings: Settings, run: SuiteRun, group: GradGroup, cell: Cell, gradfuse, progress,
+                   remaining_s: float, remaining_timed_s: float) -> None:
+    """Run one cell of the plan: hurried once the timed cells left would end past the budget;
+    timed and recorded. ``remaining_s``: estimated seconds of every cell after this one."""
+    if not run.hurried and not cell.impl.compiled and settings.clock.behind(cell.estimate_s + remaining_timed_s):
         run.hurried = True
         run.notes.append(
             f"the run fell behind its time budget of {settings.clock.budget_s:.0f} s: from {cell.label} on, "
