@@ -30,7 +30,6 @@ import contextlib
 import datetime
 import json
 import math
-import os
 import platform
 import shlex
 import statistics

@@ -71,7 +71,7 @@ def torch_per_tensor_clip(parameters, max_norm):
     torch._foreach_mul_(grads, coefs)  # min(1, max_norm / (norm + 1e-6)) for each
 
 
-#: operation -> (scenario -> the argument), (gradfuse call, baseline call)
+#: operation -> (scenario -> the argument, gradfuse call, baseline call, baseline name)
 OPERATIONS = {
     "agc": (
         {"clip": 0.01, "noclip": 10.0},

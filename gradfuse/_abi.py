@@ -180,7 +180,6 @@ class ClipDesc(ctypes.Structure):
 
 assert ctypes.sizeof(ClipDesc) == 8 * len(DESCRIPTOR)
 
-DTYPE_NAMES = {DTYPE_F32: "float32", DTYPE_F16: "float16", DTYPE_BF16: "bfloat16"}
 
 
 def norm_kind(p: float) -> int:

@@ -4,7 +4,8 @@
 steps that the distributed layer also uses on their own: ``measure`` (one read: norms, per-tensor
 statistics, NaN/Inf check, coefficient) and ``apply_scale`` (the scale pass, skipped on the device
 where the factor is 1). It never synchronises with the host, except to raise for
-``error_if_nonfinite=True`` (one read of the total, before any gradient is touched).
+``error_if_nonfinite=True`` (one read of the total, before any gradient is touched); a new plan
+(or, on the reference path, a new index of its dtype groups) is copied to the device once.
 """
 
 from __future__ import annotations

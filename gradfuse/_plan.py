@@ -156,3 +156,18 @@ class PlanCache:
 PLANS = PlanCache()
 
 REQUIRES_GRAD = operator.attrgetter("requires_grad")
+
+
+_DEVICE_CONSTANTS: dict[tuple, object] = {}
+
+
+def device_constant(key: tuple, make):
+    """``make()`` (index tensors built from host data), made once per ``key`` and kept; under
+    torch.compile made in the graph, as constants."""
+    if torch.compiler.is_compiling():
+        return make()
+    if key not in _DEVICE_CONSTANTS:
+        if len(_DEVICE_CONSTANTS) >= 64:  # a bound, for loops whose layouts keep changing
+            _DEVICE_CONSTANTS.clear()
+        _DEVICE_CONSTANTS[key] = make()
+    return _DEVICE_CONSTANTS[key]

@@ -4,8 +4,9 @@ It computes what the fused kernels compute (``gradfuse._abi``), with torch ops: 
 in fp64, the total as the norm of the stacked per-tensor norms (torch's formula), both returned in
 the accumulation dtype (fp32, or fp64 for fp64 grads; complex gives a real norm), max |x| per
 tensor (which also gives ``found_inf``: it is finite exactly when the tensor is), the coefficient
-``min(1, max_norm / (total + 1e-6))`` and one multiply per (device, dtype) group. A fixed number of
-ops per group, none per tensor (except the NaN/Inf counts, computed only when asked for). It takes
+``min(1, max_norm / (total + 1e-6))`` and one multiply per (device, dtype) group: a fixed number of
+ops per group with foreach (an op per tensor without it, for the NaN/Inf counts, asked for only by
+statistics, for the per-tensor or per-row factors and for the skip/zero policies). It takes
 every gradient torch takes (fp64, complex, sparse raises as in torch, tensor subclasses, any
 device, several devices in one call) with torch's semantics, except for the documented numerical
 fixes (no fp16 overflow, no double rounding, no fp32 drift).
@@ -23,6 +24,7 @@ from torch.utils._foreach_utils import (
 )
 
 from . import _abi
+from ._plan import device_constant
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -64,7 +66,9 @@ def _in_input_order(blocks: list[torch.Tensor], order: list[int]) -> torch.Tenso
     position = [0] * len(order)
     for k, i in enumerate(order):
         position[i] = k
-    return in_group_order[torch.tensor(position, device=in_group_order.device)]
+    device = in_group_order.device  # the index is copied to the device once, not every call (a sync)
+    index = device_constant(("order", tuple(position), device), lambda: torch.tensor(position, device=device))
+    return in_group_order[index]
 
 
 def _per_tensor(grads: list[torch.Tensor], fn) -> torch.Tensor:
@@ -88,15 +92,13 @@ def _norms64(group, device, p: float, foreach, dtype) -> torch.Tensor:
 
 def _max_abs(group, device, dtype) -> torch.Tensor:
     """max |x| per tensor of a group (NaN propagates; 0 for an empty tensor), float64."""
-    nonempty = [i for i, g in enumerate(group) if g.numel()]
-    if not nonempty:
+    if all(g.numel() == 0 for g in group):
         return torch.zeros(len(group), dtype=torch.float64, device=device)
-    tensors = [group[i] for i in nonempty]
+    # An empty tensor (whose inf-norm raises) stands in as one zero: a fill, no index from the host.
+    zero = next(g for g in group if g.numel()).new_zeros(1)
+    tensors = [g if g.numel() else zero for g in group]
     maxima = torch._foreach_norm(tensors, math.inf) if _has_foreach_support(tensors, device) else [torch.linalg.vector_norm(g, math.inf) for g in tensors]
-    stacked = torch.stack(list(maxima)).to(torch.float64)
-    if len(nonempty) == len(group):
-        return stacked
-    return torch.zeros(len(group), dtype=torch.float64, device=device).index_copy_(0, torch.tensor(nonempty, device=device), stacked)
+    return torch.stack(list(maxima)).to(torch.float64)
 
 
 def _counts(group, device, dtype) -> torch.Tensor:
@@ -111,20 +113,25 @@ def _partials(norms64: torch.Tensor, p: float) -> torch.Tensor:
     return norms64.pow(p)
 
 
-def clip_coefficient(total: torch.Tensor, max_norm: float | torch.Tensor, wide_total: torch.Tensor | None = None) -> torch.Tensor:
-    """min(1, max_norm / (total + 1e-6)) in fp64 on the given (rounded) total, rounded once to the
-    total's dtype; torch.clamp keeps a NaN. Where the rounded total overflowed to inf, the
-    unrounded ``wide_total`` (a norm beyond fp32 still clips by a finite factor)."""
+def wide_clip_coefficient(total: torch.Tensor, max_norm: float | torch.Tensor, wide_total: torch.Tensor | None = None) -> torch.Tensor:
+    """min(1, max_norm / (total + 1e-6)) in fp64 on the given (rounded) total, not rounded;
+    torch.clamp keeps a NaN. Where the rounded total overflowed to inf, the unrounded
+    ``wide_total`` (a norm beyond fp32 still clips by a finite factor)."""
     wide = torch.float64 if total.device.type != "mps" else torch.float32
     t = total.to(wide)
     if wide_total is not None:
         t = torch.where(torch.isinf(t), wide_total.to(wide), t)
-    coef = torch.clamp(max_norm / (t + _abi.CLIP_EPS), max=1.0)
-    return coef.to(total.dtype)
+    return torch.clamp(max_norm / (t + _abi.CLIP_EPS), max=1.0)
+
+
+def clip_coefficient(total: torch.Tensor, max_norm: float | torch.Tensor, wide_total: torch.Tensor | None = None) -> torch.Tensor:
+    """``wide_clip_coefficient`` rounded once to the total's dtype."""
+    return wide_clip_coefficient(total, max_norm, wide_total).to(total.dtype)
 
 
 def scale_factor(coef: torch.Tensor, found_inf: torch.Tensor, policy: int, inv_scale: torch.Tensor | None) -> torch.Tensor:
-    """coef * inv_scale, or 1 (skip) / 0 (zero) when found_inf, per the kernel contract."""
+    """coef * inv_scale, or 1 (skip) / 0 (zero) when found_inf, per the kernel contract; in coef's
+    dtype (pass the wide coefficient, then round once, as the kernels do)."""
     scale = coef if inv_scale is None else coef * inv_scale.reshape(()).to(coef.device, coef.dtype)
     if policy == _abi.POLICY_SKIP:
         scale = torch.where(found_inf.to(scale.device) != 0, torch.ones_like(scale), scale)
@@ -166,13 +173,13 @@ def measure(grads, max_norm, p, foreach, policy, inv_scale, per_tensor, stats, d
         wide_total, norms64 = wide_total * inv, norms64 * inv
     total, tensor_norms = wide_total.to(acc), norms64.to(acc)
     found_inf = (~torch.isfinite(max_abs)).any().to(torch.float32)
-    coef = clip_coefficient(total, max_norm, wide_total)
+    coef64 = wide_clip_coefficient(total, max_norm, wide_total)
     scales = None
     if per_tensor:
-        scales = scale_factor(clip_coefficient(tensor_norms, max_norm, norms64), found_inf, policy, inv_scale).to(torch.float32)
-    scale = scale_factor(coef, found_inf, policy, inv_scale)
+        scales = scale_factor(wide_clip_coefficient(tensor_norms, max_norm, norms64), found_inf, policy, inv_scale).to(torch.float32)
+    scale = scale_factor(coef64, found_inf, policy, inv_scale)
     return ClipResult(
-        result=torch.stack([total, found_inf.to(total.dtype), coef, scale.to(total.dtype)]),
+        result=torch.stack([total, found_inf.to(total.dtype), coef64.to(total.dtype), scale.to(total.dtype)]),
         tensor_norms=tensor_norms,
         tensor_partials=partials,
         tensor_max_abs=max_abs.to(torch.float32),
@@ -202,12 +209,10 @@ def scale_grads_(grads: list[torch.Tensor], scale: torch.Tensor, foreach: bool |
         return
     if rows is not None:  # one factor per dim-0 slice (rows[i] == shape[0]), or per gradient (1)
         factors = scale.reshape(-1) if per_tensor else scale.reshape(()).expand(sum(rows))
-        views = grads
         factors = [f.reshape(-1, *[1] * (g.dim() - 1)) if r != 1 else f.reshape(()) for g, f, r in zip(grads, factors.split(list(rows)), rows)]
     else:
-        views = grads
         factors = (scale.reshape(-1) if per_tensor else scale.reshape(()).expand(len(grads))).unbind(0)
-    for g, s in zip(views, factors):
+    for g, s in zip(grads, factors):
         s = s.to(g.device)
         new = g * s
         if policy == _abi.POLICY_ZERO:

@@ -99,7 +99,6 @@ def clip_for_optimizer(
     nonfinite = v.check_nonfinite(nonfinite, fn)
     inv_scale = _amp.begin_unscale(scaler, optimizer, params, fn, group) if scaler is not None else None
     handoff = _handoff.use_handoff(optimizer, handoff, fn)
-    _handoff.drop(optimizer)
     if not handoff and nonfinite == "skip" and scaler is None:
         raise ValueError(
             f"{fn}: nonfinite='skip' needs an optimizer that can skip its step on the device "
@@ -111,6 +110,7 @@ def clip_for_optimizer(
         _handoff.check_no_foreign_scale(optimizer, fn)
     r = measure(params, max_norm, norm_type, nonfinite, handoff=handoff, inv_scale=inv_scale, foreach=foreach, backend=backend,
                 group=group, exclude_from_norm=exclude_from_norm)  # fmt: skip
+    _handoff.drop(optimizer)  # after every check: a call that raises leaves an earlier hand-off as it was
     if r is not None and handoff:
         r = clip_for_next_step(optimizer, params, r, nonfinite, under_scaler=scaler is not None, foreach=foreach, backend=backend, fn=fn)
     if scaler is not None:

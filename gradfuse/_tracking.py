@@ -101,6 +101,13 @@ class Layers:
         return [position[n] for n in names]
 
 
+def clipped(coef, found_inf, skipped):
+    """Which steps count as clipped (torch or numpy booleans): the coefficient is below 1 and the
+    step was applied (no NaN/Inf, not skipped). The one definition behind the counters, the
+    telemetry and the plots."""
+    return (coef < 1) & ~found_inf & ~skipped
+
+
 def nonfinite_counts(result: ClipResult) -> torch.Tensor:
     """int64 [T, 2]: NaN and Inf elements per gradient; without counts (the torch backend unless
     ``stats=True``) 1/0 flags from max |x|: NaN where it is NaN, Inf where it is inf."""

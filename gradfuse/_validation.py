@@ -13,6 +13,8 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from . import _abi
+
 
 class NotATensorError(TypeError, AttributeError):
     """An item that must be a tensor is not. Also an AttributeError, the type torch raises there
@@ -87,12 +89,12 @@ def _as_float(value, name: str, fn: str) -> float:
 
 
 def check_max_norm(max_norm, fn: str) -> float | torch.Tensor:
-    """A non-negative number (inf allowed). A one-element floating tensor on a GPU is kept as a
-    tensor and read by the kernels on the device, with no host sync (its value is not checked)."""
+    """A non-negative number (inf allowed). A one-element real tensor on a GPU stays there, read
+    by the kernels on the device with no host sync (its value is not checked)."""
     if isinstance(max_norm, torch.Tensor) and max_norm.device.type != "cpu":
-        if max_norm.numel() != 1 or not max_norm.is_floating_point():
-            raise ValueError(f"{fn}: max_norm must be a one-element floating tensor, got {max_norm.dtype} of shape {list(max_norm.shape)}")
-        return max_norm
+        if max_norm.numel() != 1 or max_norm.is_complex() or max_norm.dtype == torch.bool:
+            raise ValueError(f"{fn}: max_norm must be a one-element real tensor, got {max_norm.dtype} of shape {list(max_norm.shape)}")
+        return max_norm.detach().reshape(())  # an integer one too, as torch takes it
     value = _as_float(max_norm, "max_norm", fn)
     if math.isnan(value):
         raise ValueError(f"{fn}: max_norm is NaN")
@@ -152,9 +154,39 @@ def check_total_norm(total_norm, fn: str) -> torch.Tensor:
 
 
 NONFINITE_POLICIES = ("propagate", "skip", "zero", "error")
+# The kernel policy of each ("error" measures as "propagate", then raises before any write).
+_KERNEL_POLICY = {"propagate": _abi.POLICY_PROPAGATE, "skip": _abi.POLICY_SKIP, "zero": _abi.POLICY_ZERO, "error": _abi.POLICY_PROPAGATE}
+
+
+def policy_of(nonfinite: str) -> int:
+    """The kernel policy (``gradfuse._abi.POLICY_*``) of a validated ``nonfinite``."""
+    return _KERNEL_POLICY[nonfinite]
 
 
 def check_nonfinite(nonfinite: str, fn: str) -> str:
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"{fn}: nonfinite={nonfinite!r}; choose one of {', '.join(map(repr, NONFINITE_POLICIES))}")
     return nonfinite
+
+
+def real_setting(owner: str, name: str, value, *, low: float, high: float = math.inf, low_open: bool = True, high_open: bool = False) -> float:
+    """A setting as a float inside the interval: TypeError for a non-number (a bool included),
+    ValueError, naming the setting and the interval, for one outside it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be a real number, not {type(value).__name__}")
+    value = float(value)
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if math.isnan(value) or below or above:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{owner}: {name} must be in {interval}, got {value}")
+    return value
+
+
+def count_setting(owner: str, name: str, value, low: int = 1) -> int:
+    """A whole-number setting >= ``low``: TypeError for a non-integer, ValueError below ``low``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{owner}: {name} must be an integer >= {low}, not {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{owner}: {name} must be an integer >= {low}, got {value!r}")
+    return int(value)

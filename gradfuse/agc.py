@@ -16,7 +16,6 @@ factor is not 1: rows that need no clipping stay bitwise as they were. No host s
 from __future__ import annotations
 
 import fnmatch
-import math
 from dataclasses import dataclass
 
 import torch
@@ -24,13 +23,12 @@ import torch
 from . import _abi, _reference, _validation as v, ops
 from ._engine import ClipResult, torch_norm_dtype
 from ._tracking import named_parameters
-from .layerwise import combine, combine_all, device_constant, policy_of, root
+from ._plan import device_constant
+from .layerwise import combine, combine_all, root
 
 
 def _check_real(value, name: str, fn: str, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or (value <= 0 if positive else value < 0):
-        raise ValueError(f"{fn}: {name} must be a number {'>' if positive else '>='} 0, got {value!r}")
-    return float(value)
+    return v.real_setting(fn, name, value, low=0.0, low_open=positive)
 
 
 def check_exclude(exclude, fn: str) -> tuple[str, ...]:
@@ -99,13 +97,17 @@ def _layout(grad_rows: tuple[int, ...], clipped: tuple[bool, ...], device: torch
     return device_constant(("agc", grad_rows, clipped, torch.device(device)), make)
 
 
-def per_gradient(r: ClipResult, grad_rows: tuple[int, ...]) -> ClipResult:
+def per_gradient(r: ClipResult, grad_rows: tuple[int, ...], inv_scale: torch.Tensor | None = None) -> ClipResult:
     """A unit-wise result folded to one entry per gradient (what per-layer statistics expect):
-    partials and NaN/Inf counts summed (max/min for +-inf), max |x| maximal, factors minimal."""
+    partials and NaN/Inf counts summed (max/min for +-inf), max |x| maximal, factors minimal;
+    norms of the unscaled gradients (``inv_scale``: AMP's, the partials stay before it)."""
     owner = _layout(grad_rows, (True,) * len(grad_rows), r.tensor_partials.device)[0]
     n, p = len(grad_rows), r.norm_type
     partials = combine(r.tensor_partials, owner, n, p)
-    norms = root(partials, p).to(r.tensor_norms.dtype)
+    norms = root(partials, p)
+    if inv_scale is not None and p != 0.0:
+        norms = norms * inv_scale.reshape(()).to(norms.device, norms.dtype)
+    norms = norms.to(r.tensor_norms.dtype)
     max_abs = r.tensor_max_abs.new_zeros(n).scatter_reduce_(0, owner, r.tensor_max_abs, "amax", include_self=False)
     counts = None if r.tensor_counts is None else r.tensor_counts.new_zeros(n, 2).index_add_(0, owner, r.tensor_counts)
     scales = None if r.tensor_scales is None else r.tensor_scales.new_ones(n).scatter_reduce_(0, owner, r.tensor_scales, "amin", include_self=False)
@@ -136,12 +138,11 @@ def clip_units(
     g_units = g_norm.index_select(0, units_at)
     bound = clip_factor * torch.clamp(w_norm, min=eps)
     coef = torch.ones_like(g_norm).index_copy_(0, units_at, torch.where(g_units < bound, 1.0, bound / torch.clamp(g_units, min=_abi.CLIP_EPS)))
-    coef = coef.to(torch.float32)
-    scales = _reference.scale_factor(coef, found_inf, policy, inv_scale).to(torch.float32)
+    scales = _reference.scale_factor(coef, found_inf, policy, inv_scale).to(torch.float32)  # rounded once
     ops.scale_(grads, scales, backend=backend, foreach=foreach, per_tensor=True, zero_if_scale_is_zero=policy == _abi.POLICY_ZERO, rows=u.grad_rows)
     acc = both.result.dtype
     step_scale = _reference.scale_factor(torch.ones((), dtype=acc, device=total.device), found_inf, policy, inv_scale).to(acc)
-    result = torch.stack([total.to(acc), found_inf.to(acc), coef.min().to(acc), step_scale])
+    result = torch.stack([total.to(acc), found_inf.to(acc), coef.min().to(torch.float32).to(acc), step_scale])
     counts = None if both.tensor_counts is None else both.tensor_counts[k:]
     return ClipResult(result, g_norm.to(acc), g_part, g_max_abs, counts, torch_norm_dtype(g.dtype for g in grads), both.backend, p, scales)
 
@@ -193,4 +194,4 @@ def adaptive_clip_grad_(
     if not any(u.clipped):
         return None
     v.check_grads(v.grads_of(u.params, fn), p, foreach, fn)
-    return clip_units(u, clip_factor, eps, p, policy_of(nonfinite), error=nonfinite == "error", foreach=foreach, backend=backend)
+    return clip_units(u, clip_factor, eps, p, v.policy_of(nonfinite), error=nonfinite == "error", foreach=foreach, backend=backend)

@@ -12,14 +12,13 @@ import functools
 import torch
 from typing_extensions import deprecated
 
-from . import _abi, _layout, _reference, _validation as v, distributed, ops
+from . import _layout, _reference, _validation as v, distributed, ops
 from ._engine import ClipResult
 
 # torch's own clamp pass, taken at import: gradfuse.patch_torch() replaces torch.nn.utils.clip_grad_value_
 # with gradfuse's, which calling it by name would then recurse into.
 _torch_clip_grad_value_ = torch.nn.utils.clip_grad.clip_grad_value_
 
-_POLICIES = {"propagate": _abi.POLICY_PROPAGATE, "skip": _abi.POLICY_SKIP, "zero": _abi.POLICY_ZERO, "error": _abi.POLICY_PROPAGATE}
 
 
 def _no_grad(fn):
@@ -34,7 +33,7 @@ def _distribution(items: list, group, exclude_from_norm, fn: str):
     """``group=`` checked, and the indices among ``items`` (those whose gradients are clipped, in
     order) that ``exclude_from_norm`` names."""
     group = _layout.check_group(group, fn)
-    excluded = _layout.excluded_indices(items, exclude_from_norm, fn) if exclude_from_norm is not None else ()
+    excluded = _layout.excluded_indices(items, exclude_from_norm, fn)
     return group, excluded
 
 
@@ -82,8 +81,9 @@ def get_total_norm(
 def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor, foreach: bool | None = None, *, backend: str | None = None) -> None:
     r"""Scale the gradients by :math:`\min(1, \text{max\_norm} / (\text{total\_norm} + 10^{-6}))`.
 
-    Like ``torch.nn.utils.clip_grads_with_norm_``; the coefficient is computed in fp32 (fp64 for an
-    fp64 ``total_norm``) and the scale pass is skipped on the device when it is 1.
+    Like ``torch.nn.utils.clip_grads_with_norm_``; the coefficient is evaluated in fp64 and rounded
+    once to fp32 (kept in fp64 for an fp64 ``total_norm``), and the scale pass is skipped on the
+    device when it is 1.
     """
     fn = "clip_grads_with_norm_"
     grads = v.grads_of(v.as_list(parameters, fn), fn)
@@ -225,5 +225,5 @@ def clip_grads(
     dtypes = v.check_grads(grads, p, foreach, fn)
     return _clip(
         grads, max_norm, p, apply=apply, backend=backend, error_if_nonfinite=nonfinite == "error", foreach=foreach,
-        policy=_POLICIES[nonfinite], inv_scale=inv_scale, dtypes=dtypes, group=group, excluded=excluded, fn=fn,
+        policy=v.policy_of(nonfinite), inv_scale=inv_scale, dtypes=dtypes, group=group, excluded=excluded, fn=fn,
     )  # fmt: skip

@@ -37,7 +37,7 @@ from .agc import AGC, clip_units, per_gradient, select
 from .clip import _clip as clip_maybe_distributed
 from .distributed import DistributedClipResult
 from ._tracking import named_parameters
-from .layerwise import clip_by_group, group_keys, policy_of, segment_index, with_smallest_coef
+from .layerwise import clip_by_group, group_keys, segment_index, with_smallest_coef
 from .monitor import NonFiniteCounter
 from .rollback import LaggedRead, Rollback, Snapshots
 from .spike import SpikeRule
@@ -56,6 +56,13 @@ def _history(history, spike: SpikeRule | None, device):
     if history.capacity < spike.window:
         raise ValueError(f"Clipper: the history holds {history.capacity} steps, fewer than the spike rule's window ({spike.window})")
     return history
+
+
+def _device_loss(loss, device: torch.device) -> torch.Tensor:
+    """The loss as a float32 scalar on ``device``: a Python number by a fill (no host-to-device copy)."""
+    if isinstance(loss, torch.Tensor):
+        return loss.detach().reshape(()).to(device, torch.float32)
+    return torch.full((), float(loss), dtype=torch.float32, device=device)
 
 
 class Clipper:
@@ -110,6 +117,8 @@ class Clipper:
         self.norm_type = v.check_norm_type(norm_type, fn)
         self.agc = agc
         if layerwise not in (False, True) and agc is None:
+            if layerwise is None:
+                raise TypeError(f"{fn}: layerwise must be False, True, 'module' or a callable name -> key, not None")
             group_keys([], layerwise, fn)  # validates group_by
         self.layerwise = layerwise if agc is None else False
         self.nonfinite = v.check_nonfinite(nonfinite, fn)
@@ -158,18 +167,18 @@ class Clipper:
         error = nonfinite == "error"
         if self.agc is not None:
             u = select(self.named, self.agc.exclude)
-            r = clip_units(u, self.agc.clip_factor, self.agc.eps, p, policy_of(nonfinite), error=error, inv_scale=inv_scale,
+            r = clip_units(u, self.agc.clip_factor, self.agc.eps, p, v.policy_of(nonfinite), error=error, inv_scale=inv_scale,
                            foreach=self.foreach, backend=self.backend)  # fmt: skip
-            return per_gradient(r, u.grad_rows), None, None
+            return per_gradient(r, u.grad_rows, inv_scale), None, None
         if self.layerwise is False:
-            policy = policy_of(_steps.measured_policy(nonfinite, handoff))
+            policy = v.policy_of(_steps.measured_policy(nonfinite, handoff))
             with_grad = [q for q in self.params if q.grad is not None]
             excluded = _layout.excluded_indices(with_grad, self.exclude_from_norm, "Clipper.clip")
             r = clip_maybe_distributed(grads, bound, p, group=self.group, excluded=excluded, fn="Clipper.clip", apply=not handoff,
                                        backend=self.backend, error_if_nonfinite=error, foreach=self.foreach, policy=policy,
                                        inv_scale=inv_scale, dtypes=dtypes)  # fmt: skip
             return r, (r.scale if handoff else None), r.total_norm
-        policy = policy_of(nonfinite)
+        policy = v.policy_of(nonfinite)
         vector = isinstance(bound, torch.Tensor) and bound.dim() > 0
         if self.layerwise is True and not vector:  # the kernels' finalize writes the factors
             r = ops.clip(grads, bound, p, apply=True, backend=self.backend, error_if_nonfinite=error, foreach=self.foreach,
@@ -198,10 +207,10 @@ class Clipper:
         self._gate = self._overflow = self._to_record = None
         scaler = self.scaler if _amp.enabled(self.scaler) else None
         grads = v.grads_of(params, fn)
-        inv_scale = _amp.begin_unscale(scaler, opt, params, fn, self.group) if scaler is not None and grads else None
+        inv_scale = _amp.begin_unscale(scaler, opt, params, fn, self.group) if scaler is not None else None
         handoff = _handoff.use_handoff(opt, self.handoff, fn)
-        _handoff.drop(opt)
         if not grads and self.group is None:
+            _handoff.drop(opt)
             if scaler is not None:
                 _amp.mark_unscaled(scaler, opt, None)
             return None
@@ -210,8 +219,9 @@ class Clipper:
         dtypes = v.check_grads(grads, self.norm_type, self.foreach, fn)
         bound = self._bound(grads[0].device if grads else self.counter.counts.device)
         r, factor, statistic = self._measure(grads, dtypes, bound, inv_scale, handoff)
+        _handoff.drop(opt)  # after every check: a call that raises leaves an earlier hand-off as it was
         found = r.found_inf.reshape(()).to(torch.float32)
-        loss = None if loss is None else torch.as_tensor(loss).detach().to(found.device, torch.float32)
+        loss = None if loss is None else _device_loss(loss, found.device)
         spike = self.spike.check(self.history, r.total_norm, loss) if self.spike is not None else None
         gate = found if self.nonfinite == "skip" or scaler is not None else None
         if spike is not None:

@@ -178,7 +178,7 @@ def clip(
     at = r = None
     if local:
         at = _engine.target(local, dtypes, backend, foreach)
-        r = _engine.measure(at, 0.0, p, dtypes=dtypes)
+        r = _engine.measure(at, 0.0, p, inv_scale=inv_scale, dtypes=dtypes)  # partials stay before inv_scale
         partials, found = r.tensor_partials, r.found_inf.to(torch.float64)
     else:
         partials = torch.zeros(0, dtype=torch.float64, device=lay.device)
@@ -198,9 +198,9 @@ def clip(
     total, found_inf = total64.to(acc), flags[0].to(acc)
     if isinstance(max_norm, torch.Tensor):
         max_norm = max_norm.detach().reshape(()).to(lay.device)
-    coef = _reference.clip_coefficient(total, max_norm, total64)
-    scale = _reference.scale_factor(coef, found_inf, policy, inv_scale).to(acc)
-    result = torch.stack([total, found_inf, coef, scale])
+    coef64 = _reference.wide_clip_coefficient(total, max_norm, total64)
+    scale = _reference.scale_factor(coef64, found_inf, policy, inv_scale).to(acc)
+    result = torch.stack([total, found_inf, coef64.to(acc), scale])
     if error_if_nonfinite:
         _engine.raise_if_nonfinite(total, p)  # the same total on every rank: every rank raises
     if apply and at is not None:

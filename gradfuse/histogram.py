@@ -1,6 +1,6 @@
 """Per-layer log2-magnitude histograms of gradients, on the device, from the exponent bits.
 
-Bucket ``b`` of :data:`BUCKETS` counts the elements whose magnitude has ``floor(log2 |x|) = k``:
+Bucket ``b`` of the :data:`NUM_BUCKETS` counts the elements whose magnitude has ``floor(log2 |x|) = k``:
 ``b = 0``: exact zeros; ``b = k - MIN_EXP + 1`` for ``MIN_EXP <= k <= MAX_EXP`` (``|x|`` in
 ``[2^k, 2^(k+1))``, subnormals included); then Inf, then NaN. The bucket of a 16-bit value is a
 table lookup on its 15 magnitude bits (exact for fp16 and bf16, subnormals too); an fp32 value is

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import _tracking as tr
+from . import _tracking as tr, _validation as v
 from ._engine import ClipResult
 
 #: the per-layer value of a step at which the layer had no gradient (a norm is never negative).
@@ -40,9 +40,7 @@ class Window(NamedTuple):
 
 
 def _check_quantile(q, owner: str) -> float:
-    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0:
-        raise ValueError(f"{owner}: quantile must be a number in [0, 1], got {q!r}")
-    return float(q)
+    return v.real_setting(owner, "quantile", q, low=0.0, high=1.0, low_open=False)
 
 
 class NormHistory:

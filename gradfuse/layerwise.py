@@ -23,14 +23,8 @@ import torch
 
 from . import _abi, _reference, _validation as v, ops
 from ._engine import ClipResult
+from ._plan import device_constant
 from ._tracking import named_parameters
-
-_POLICIES = {"propagate": _abi.POLICY_PROPAGATE, "skip": _abi.POLICY_SKIP, "zero": _abi.POLICY_ZERO, "error": _abi.POLICY_PROPAGATE}
-
-
-def policy_of(nonfinite: str) -> int:
-    """The kernel policy of a validated ``nonfinite`` ("error" measures as "propagate")."""
-    return _POLICIES[nonfinite]
 
 
 def module_of(name: str) -> str:
@@ -45,21 +39,6 @@ def group_keys(names: list[str], group_by, fn: str) -> list:
     if not callable(group_by):
         raise TypeError(f"{fn}: group_by must be None, 'module' or a callable name -> key, not {group_by!r}")
     return [group_by(name) for name in names]
-
-
-_CONSTANTS: dict[tuple, object] = {}
-
-
-def device_constant(key: tuple, make):
-    """``make()`` (index tensors built from host data), made once per ``key`` and kept; under
-    torch.compile made in the graph, as constants."""
-    if torch.compiler.is_compiling():
-        return make()
-    if key not in _CONSTANTS:
-        if len(_CONSTANTS) >= 64:  # a bound, for loops whose layouts keep changing
-            _CONSTANTS.clear()
-        _CONSTANTS[key] = make()
-    return _CONSTANTS[key]
 
 
 def segment_index(keys: list, device: torch.device) -> tuple[torch.Tensor, int]:
@@ -111,9 +90,9 @@ def clip_by_group(r: ClipResult, max_norm, index: torch.Tensor | None, size: int
     norms = root(partials, p)
     if inv_scale is not None and p != 0.0:
         norms = norms * inv_scale.reshape(()).to(norms.device, norms.dtype)
-    coef = _reference.clip_coefficient(norms.to(torch.float32), max_norm, norms)
-    scales = _reference.scale_factor(coef, r.found_inf, policy, inv_scale).to(torch.float32)
-    return _with_factors(r, coef, scales if index is None else scales.index_select(0, index)), norms
+    coef64 = _reference.wide_clip_coefficient(norms.to(torch.float32), max_norm, norms)
+    scales = _reference.scale_factor(coef64, r.found_inf, policy, inv_scale).to(torch.float32)
+    return _with_factors(r, coef64.to(torch.float32), scales if index is None else scales.index_select(0, index)), norms
 
 
 def with_smallest_coef(r: ClipResult, max_norm, inv_scale=None) -> ClipResult:
@@ -162,7 +141,7 @@ def clip_grad_norm_per_tensor_(
     if not grads:
         return None
     dtypes = v.check_grads(grads, p, foreach, fn)
-    policy, error = policy_of(nonfinite), nonfinite == "error"
+    policy, error = v.policy_of(nonfinite), nonfinite == "error"
     if keys is None:  # the kernels' finalize writes the factors; measured and scaled in one call
         r = ops.clip(grads, max_norm, p, apply=True, backend=backend, error_if_nonfinite=error, foreach=foreach,
                      policy=policy, per_tensor=True, dtypes=dtypes)  # fmt: skip

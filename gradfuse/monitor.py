@@ -19,10 +19,10 @@ Both are capped by ``max_norm`` (``min(adaptive, max_norm)``) and are ``state_di
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
+from . import _tracking as tr, _validation as v
 from ._engine import ClipResult
 
 
@@ -64,7 +64,7 @@ class NonFiniteCounter:
         found = result.found_inf.detach().reshape(()).ne(0).to(torch.int64)
         spike = torch.zeros_like(found) if spike is None else spike.detach().reshape(()).ne(0).to(torch.int64)
         skipped = torch.zeros_like(found) if skipped is None else skipped.detach().reshape(()).ne(0).to(torch.int64)
-        clipped = result.clip_coef.detach().reshape(()).lt(1).to(torch.int64) * (1 - found) * (1 - skipped)
+        clipped = tr.clipped(result.clip_coef.detach().reshape(()), found.bool(), skipped.bool()).to(torch.int64)
         bad = torch.maximum(found, skipped)
         counts = self._on(found.device)
         counts.add_(torch.stack((torch.ones_like(found), found, clipped, found, spike, skipped, bad)))
@@ -103,25 +103,6 @@ class NonFiniteCounter:
         return f"NonFiniteCounter(counts={self.counts})"
 
 
-def _real(owner: str, name: str, value, *, low: float, high: float = math.inf, low_open: bool = True, high_open: bool = False) -> float:
-    """``value`` as a float inside the interval, else an error naming the setting and the value."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{owner}: {name} must be a real number, not {type(value).__name__}")
-    value = float(value)
-    below = value <= low if low_open else value < low
-    above = value >= high if high_open else value > high
-    if math.isnan(value) or below or above:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"{owner}: {name} must be in {interval}, got {value}")
-    return value
-
-
-def _count(owner: str, name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{owner}: {name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
 class ZScoreThreshold:
     """ZClip: threshold = mu + z_thresh * sigma from an EMA (alpha) of the norm. ``update`` takes a
     scalar (the total norm) or a vector (per-tensor or per-group norms, each with its own EMA, for
@@ -130,15 +111,14 @@ class ZScoreThreshold:
 
     def __init__(self, max_norm: float = 1.0, alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25):
         owner = "ZScoreThreshold"
-        self.max_norm = _real(owner, "max_norm", max_norm, low=0.0)
-        self.alpha = _real(owner, "alpha", alpha, low=0.0, high=1.0, high_open=True)
-        self.z_thresh = _real(owner, "z_thresh", z_thresh, low=0.0, high_open=True)
-        self.warmup_steps = _count(owner, "warmup_steps", warmup_steps)
+        self.max_norm = v.real_setting(owner, "max_norm", max_norm, low=0.0)
+        self.alpha = v.real_setting(owner, "alpha", alpha, low=0.0, high=1.0, high_open=True)
+        self.z_thresh = v.real_setting(owner, "z_thresh", z_thresh, low=0.0, high_open=True)
+        self.warmup_steps = v.count_setting(owner, "warmup_steps", warmup_steps)
         self.steps: torch.Tensor | None = None  # int64 device scalar: updates so far
         self.mean: torch.Tensor | None = None
         self.var: torch.Tensor | None = None
-        self._warmup_sum: torch.Tensor | None = None  # [sum, sum of squares, count] of the finite warm-up norms
-        self._warmup: torch.Tensor | None = None
+        self._warmup: torch.Tensor | None = None  # [sum, sum of squares, count] of the finite warm-up norms
 
     def threshold(self, device: torch.device) -> torch.Tensor:
         """max_norm for this step, as a float32 device tensor (a scalar until the first update)."""
@@ -174,11 +154,10 @@ class ZScoreThreshold:
         self.var = torch.where(start, self._warmup[1] / count - warm_mean * warm_mean, var)
 
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("max_norm", "alpha", "z_thresh", "warmup_steps", "steps", "mean", "var", "_warmup")}
+        return _saved(self, ("max_norm", "alpha", "z_thresh", "warmup_steps", "steps", "mean", "var", "_warmup"))
 
     def load_state_dict(self, state: dict) -> None:
-        for k, val in state.items():
-            setattr(self, k, val)
+        _load(self, state)
 
 
 class QuantileThreshold:
@@ -188,10 +167,10 @@ class QuantileThreshold:
 
     def __init__(self, max_norm: float = math.inf, quantile: float = 0.9, history: int = 1000, warmup_steps: int = 10):
         owner = "QuantileThreshold"
-        self.max_norm = _real(owner, "max_norm", max_norm, low=0.0)
-        self.quantile = _real(owner, "quantile", quantile, low=0.0, high=1.0)
-        self.history = _count(owner, "history", history)
-        self.warmup_steps = _count(owner, "warmup_steps", warmup_steps)
+        self.max_norm = v.real_setting(owner, "max_norm", max_norm, low=0.0)
+        self.quantile = v.real_setting(owner, "quantile", quantile, low=0.0, high=1.0)
+        self.history = v.count_setting(owner, "history", history)
+        self.warmup_steps = v.count_setting(owner, "warmup_steps", warmup_steps)
         self.steps: torch.Tensor | None = None  # int64 device scalar: updates so far
         self.norms: torch.Tensor | None = None  # [history, ...]: NaN where no finite norm was written yet
 
@@ -215,8 +194,22 @@ class QuantileThreshold:
         self.steps.add_(1)
 
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("max_norm", "quantile", "history", "warmup_steps", "steps", "norms")}
+        return _saved(self, ("max_norm", "quantile", "history", "warmup_steps", "steps", "norms"))
 
     def load_state_dict(self, state: dict) -> None:
-        for k, val in state.items():
-            setattr(self, k, val)
+        _load(self, state)
+
+
+def _saved(obj, names) -> dict:
+    """Copies of the device state (the live tensors keep moving with training)."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in ((k, getattr(obj, k)) for k in names)}
+
+
+def _load(obj, state: dict) -> None:
+    """Into the tensors already held where shapes agree (what a compiled step reads), else copies."""
+    for k, val in state.items():
+        old = getattr(obj, k, None)
+        if isinstance(val, torch.Tensor) and isinstance(old, torch.Tensor) and old.shape == val.shape and old.dtype == val.dtype:
+            old.copy_(val)
+        else:
+            setattr(obj, k, val.clone() if isinstance(val, torch.Tensor) else val)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._tracking import clipped
 from .history import NO_GRAD
 
 _NORM, _THRESHOLD, _CLIP, _SKIP, _NAN = "#1f4e79", "#444444", "#f28e2b", "#7b3294", "#d62728"
@@ -39,10 +40,10 @@ class _Series:
 
 def _from_history(history) -> _Series:
     r = history.records()
-    found = r["found_inf"] != 0
+    found, skipped = r["found_inf"] != 0, r["skipped"] != 0
     return _Series(
         step=r["step"], norm=r["total_norm"], band=None, threshold=r["max_norm"],
-        clipped=(r["clip_coef"] < 1) & ~found, skipped=r["skipped"] != 0, nonfinite=found, loss=r["loss"],
+        clipped=clipped(r["clip_coef"], found, skipped), skipped=skipped, nonfinite=found, loss=r["loss"],
         layer_names=list(history.layer_names), layer_norms=r["layer_norms"], per_step=True,
     )  # fmt: skip
 

@@ -17,20 +17,14 @@ host). The lag is fixed, so every rank of a distributed run decides at the same 
 from __future__ import annotations
 
 import copy
-import numbers
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from . import _validation as v
 from ._layout import local_tensors
-
-
-def _count(owner: str, name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{owner}: {name} must be an integer >= {low}, got {value!r}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -50,10 +44,10 @@ class Rollback:
 
     def __post_init__(self):
         owner = "Rollback"
-        _count(owner, "every", self.every, 1)
-        _count(owner, "keep", self.keep, 1)
-        _count(owner, "skip_batches", self.skip_batches, 0)
-        _count(owner, "max_rollbacks", self.max_rollbacks, 0)
+        v.count_setting(owner, "every", self.every, 1)
+        v.count_setting(owner, "keep", self.keep, 1)
+        v.count_setting(owner, "skip_batches", self.skip_batches, 0)
+        v.count_setting(owner, "max_rollbacks", self.max_rollbacks, 0)
 
 
 @dataclass

@@ -173,7 +173,7 @@ class Telemetry:
             torch.where(finite, total, math.inf).amin(),
             total[-1],
             finite.sum().to(torch.float32),
-            ((rows[:, tr.COEF] < 1) & ~found).sum().to(torch.float32),
+            tr.clipped(rows[:, tr.COEF], found, rows[:, tr.SKIPPED] != 0).sum().to(torch.float32),
             found.sum().to(torch.float32),
             (rows[:, tr.SKIPPED] != 0).sum().to(torch.float32),
             max_norm[-1],

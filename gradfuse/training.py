@@ -1,7 +1,7 @@
 """Training integration: clip for one read of the gradients, AMP in one pass, no host syncs.
 
-Three entry points, all built on :func:`gradfuse.clip_grads` (norm, NaN/Inf check, coefficient and
-optional unscale in one read, results left on the device):
+Three entry points, all on the one read that :func:`gradfuse.clip_grads` makes (norm, NaN/Inf
+check, coefficient and optional unscale, results left on the device):
 
 * :func:`clip_grad_norm_for_optimizer_` clips the gradients of an optimizer's parameters. For torch's
   fused optimizers (``Adam``/``AdamW``/``SGD``/``Adagrad`` with ``fused=True``, whose ``step()`` reads

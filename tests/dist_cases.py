@@ -479,8 +479,11 @@ def sharded_grad_scaler_agrees_on_every_rank():
             o.zero_grad()
         _backward((ours, theirs), scalers, poison_rank)
         before = [local(q).clone() for q in ours.parameters()]
-        counted(gradfuse.unscale_and_clip_, scalers[0], opts[0], 0.05, collectives=1)
+        r = counted(gradfuse.unscale_and_clip_, scalers[0], opts[0], 0.05, collectives=1)
         scalers[1].unscale_(opts[1])
+        if poison_rank is None:  # per-tensor norms of the unscaled local shards, as a local clip's
+            want = torch.stack([local(q.grad).double().norm() for q in theirs.parameters()])
+            torch.testing.assert_close(r.tensor_norms.double(), want, rtol=1e-6, atol=1e-12)
         torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.05)
         for s, o in zip(scalers, opts):
             s.step(o)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import HALF_ULP, assert_unchanged, bits, snapshot, subnormal_step
+from helpers import FUSED_CPU_BACKENDS, HALF_ULP, assert_unchanged, bits, snapshot, subnormal_step
 
 import gradfuse
 
@@ -141,8 +141,9 @@ def test_bad_arguments_raise_before_touching_anything():
     grads = [p.grad for p in net.parameters()]
     snap = snapshot(grads)
     for kwargs, error, match in [
-        (dict(clip_factor=0.0), ValueError, "clip_factor must be a number > 0"),
-        (dict(eps=-1.0), ValueError, "eps must be a number >= 0"),
+        (dict(clip_factor=0.0), ValueError, r"clip_factor must be in \(0, inf\], got 0.0"),
+        (dict(clip_factor="0.01"), TypeError, "clip_factor must be a real number, not str"),
+        (dict(eps=-1.0), ValueError, r"eps must be in \[0, inf\], got -1.0"),
         (dict(exclude=[3]), TypeError, "exclude must be a name pattern"),
         (dict(nonfinite="ignore"), ValueError, "nonfinite"),
     ]:
@@ -185,3 +186,19 @@ def test_compiled_step_with_agc_has_no_graph_breaks(backend):
         torch.testing.assert_close(s2, s1, rtol=1e-5, atol=1e-6)
     assert float(eager[0][1].min()) < 1.0
     torch.testing.assert_close(compiled_params, eager_params, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", FUSED_CPU_BACKENDS)
+def test_agc_clipper_under_a_grad_scaler_reports_the_unscaled_norms(backend):
+    """The per-layer norms a Clipper with AGC hands to its statistics are those of the unscaled
+    gradients, as without AGC."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    clipper = gradfuse.Clipper(model, opt, max_norm=None, agc=gradfuse.AGC(0.01), scaler=scaler, backend=backend)
+    loss = model(torch.randn(4, 8)).square().sum()
+    scaler.scale(loss).backward()
+    want = torch.stack([(q.grad.double() / 1024.0).norm() for q in model.parameters()])
+    r = clipper.clip(loss)
+    torch.testing.assert_close(r.tensor_norms.double(), want, rtol=1e-6, atol=0.0)

@@ -238,6 +238,7 @@ def test_bad_arguments_name_the_problem():
         (dict(max_bad_steps=0), ValueError, "max_bad_steps must be an integer >= 1"),
         (dict(rollback=gradfuse.Rollback()), ValueError, "rollback= needs"),
         (dict(layerwise=3), TypeError, "group_by must be"),
+        (dict(layerwise=None), TypeError, "layerwise must be False, True, 'module' or a callable"),
         (dict(nonfinite="ignore"), ValueError, "nonfinite"),
         (dict(max_norm=-1.0), ValueError, "max_norm must be >= 0"),
         (dict(spike=_spike_rule(), history=gradfuse.NormHistory(4)), ValueError, "fewer than the spike rule's window"),

@@ -398,6 +398,19 @@ def test_max_norm_cuda_tensor_matches_float(backend):
         assert bits(a.grad).equal(bits(b.grad))
 
 
+@pytest.mark.parametrize("backend", PARITY_BACKENDS)
+@pytest.mark.parametrize("max_norm", [torch.tensor([0.25]), torch.tensor(1), torch.tensor([[2]])], ids=["shape-1", "int", "int-1x1"])
+def test_max_norm_cuda_tensor_of_any_one_element_shape_and_real_dtype(backend, max_norm):
+    """torch takes these (an integer threshold too); a [1]-shaped one broke the reference's stack."""
+    grads = cuda_gen(97, [(300,), (7,)])
+    p1, p2 = fresh(grads), fresh(grads)
+    t1 = gradfuse.clip_grad_norm_(p1, max_norm.item(), backend=backend)
+    t2 = gradfuse.clip_grad_norm_(p2, max_norm.to(DEV), backend=backend)
+    assert bits(t1).equal(bits(t2))
+    for a, b in zip(p1, p2):
+        assert bits(a.grad).equal(bits(b.grad))
+
+
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_no_clip_leaves_memory_untouched(backend, dtype):

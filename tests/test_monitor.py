@@ -54,6 +54,29 @@ def test_threshold_state_dict_round_trip():
     assert torch.equal(a.threshold(torch.device("cpu")), b.threshold(torch.device("cpu")))
 
 
+@pytest.mark.parametrize("make", [lambda: ZScoreThreshold(1e6, warmup_steps=2), lambda: QuantileThreshold(1e6, quantile=0.5, history=4, warmup_steps=1)],
+                         ids=["zscore", "quantile"])  # fmt: skip
+def test_threshold_state_is_a_copy_in_both_directions(make):
+    """A saved state does not move with training, and a loaded one is not shared with its source."""
+    cpu = torch.device("cpu")
+    a = make()
+    for n in (1.0, 2.0, 5.0):
+        a.update(torch.tensor(n))
+    state = a.state_dict()
+    saved_threshold = a.threshold(cpu).clone()
+    b = make()
+    b.load_state_dict(state)
+    for n in (40.0, 80.0):
+        a.update(torch.tensor(n))  # moves a, not the saved state nor b
+    assert not torch.equal(a.threshold(cpu), saved_threshold)
+    assert torch.equal(b.threshold(cpu), saved_threshold)
+    c = make()
+    c.load_state_dict(state)
+    assert torch.equal(c.threshold(cpu), saved_threshold)
+    b.update(torch.tensor(1000.0))  # b moves; c, loaded from the same dict, does not
+    assert torch.equal(c.threshold(cpu), saved_threshold)
+
+
 @pytest.mark.parametrize(
     "cls, bad, error",
     [
@@ -62,7 +85,7 @@ def test_threshold_state_dict_round_trip():
         (ZScoreThreshold, dict(z_thresh=0), ValueError),
         (ZScoreThreshold, dict(z_thresh=float("nan")), ValueError),
         (ZScoreThreshold, dict(warmup_steps=0), ValueError),
-        (ZScoreThreshold, dict(warmup_steps=2.5), ValueError),
+        (ZScoreThreshold, dict(warmup_steps=2.5), TypeError),
         (ZScoreThreshold, dict(max_norm=-1.0), ValueError),
         (ZScoreThreshold, dict(max_norm="1"), TypeError),
         (QuantileThreshold, dict(max_norm=-1.0), ValueError),
@@ -70,7 +93,7 @@ def test_threshold_state_dict_round_trip():
         (QuantileThreshold, dict(quantile=0.0), ValueError),
         (QuantileThreshold, dict(quantile=1.5), ValueError),
         (QuantileThreshold, dict(history=0), ValueError),
-        (QuantileThreshold, dict(warmup_steps=True), ValueError),
+        (QuantileThreshold, dict(warmup_steps=True), TypeError),
     ],
 )
 def test_thresholds_reject_bad_settings_naming_them(cls, bad, error):
