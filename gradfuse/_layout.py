@@ -66,6 +66,15 @@ def has_dtensors(tensors) -> bool:
     return _HAS_DIST and set(map(type, tensors)) != {torch.Tensor} and any(map(is_dtensor, tensors))
 
 
+def refuse_dtensors(params, fn: str) -> None:
+    """Per-tensor and per-unit clipping need whole tensors: a shard's norm is not its layer's."""
+    if has_dtensors(params):
+        raise ValueError(
+            f"{fn}: DTensor (sharded) parameters are not supported: a local shard's norm is not its layer's; "
+            "clip globally (gradfuse.clip_grad_norm_ takes DTensors)"
+        )
+
+
 def local_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """This rank's part of each tensor: a DTensor's local shard, a plain tensor itself."""
     return [t._local_tensor if is_dtensor(t) else t for t in tensors]

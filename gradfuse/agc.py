@@ -22,6 +22,7 @@ import torch
 
 from . import _abi, _reference, _validation as v, ops
 from ._engine import ClipResult, torch_norm_dtype
+from ._layout import refuse_dtensors
 from ._tracking import named_parameters
 from ._plan import device_constant
 from .layerwise import combine, combine_all, root
@@ -191,6 +192,7 @@ def adaptive_clip_grad_(
     p = v.check_norm_type(norm_type, fn)
     nonfinite = v.check_nonfinite(nonfinite, fn)
     u = select(named, check_exclude(exclude, fn))
+    refuse_dtensors(u.params, fn)
     if not any(u.clipped):
         return None
     v.check_grads(v.grads_of(u.params, fn), p, foreach, fn)

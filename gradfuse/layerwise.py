@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from . import _abi, _reference, _validation as v, ops
+from . import _abi, _layout, _reference, _validation as v, ops
 from ._engine import ClipResult
 from ._plan import device_constant
 from ._tracking import named_parameters
@@ -136,6 +136,7 @@ def clip_grad_norm_per_tensor_(
     p = v.check_norm_type(norm_type, fn)
     nonfinite = v.check_nonfinite(nonfinite, fn)
     with_grad = [(name, param) for name, param in named if param.grad is not None]
+    _layout.refuse_dtensors([param for _, param in with_grad], fn)
     keys = group_keys([name for name, _ in with_grad], group_by, fn) if group_by is not None else None
     grads = v.grads_of([param for _, param in with_grad], fn)
     if not grads:

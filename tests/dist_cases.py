@@ -396,6 +396,8 @@ def refusals_before_any_gradient_is_touched():
         "plain tensor among DTensor": (lambda: gradfuse.clip_grad_norm_(params + [plain], 1.0), RuntimeError),
         "exclude_from_norm": (lambda: gradfuse.clip_grad_norm_(lin.parameters(), 1.0, exclude_from_norm=[lin.bias]), ValueError),
         "ProcessGroup": (lambda: gradfuse.clip_grad_norm_(params, 1.0, group="world"), TypeError),
+        "clip_grad_norm_per_tensor_: DTensor": (lambda: gradfuse.clip_grad_norm_per_tensor_(model, 1.0), ValueError),
+        "adaptive_clip_grad_: DTensor": (lambda: gradfuse.adaptive_clip_grad_(model), ValueError),
     }
     for needle, (call, error) in calls.items():
         try:
