@@ -113,6 +113,28 @@ def _partials(norms64: torch.Tensor, p: float) -> torch.Tensor:
     return norms64.pow(p)
 
 
+def combine_all(partials: torch.Tensor, p: float) -> torch.Tensor:
+    """The partial of all entries together (0-dim): sum, max for inf, min for -inf (NaN kept);
+    the identity when there is none."""
+    if partials.numel() == 0:
+        return partials.new_full((), math.inf if p == -math.inf else 0.0)
+    if p == math.inf or p == -math.inf:
+        return partials.amax() if p > 0 else partials.amin()
+    return partials.sum()
+
+
+def root(partials: torch.Tensor, p: float) -> torch.Tensor:
+    """The norm from its partial: ``S^(1/p)``; S itself for 1, +-inf and 0 (the kernels' root)."""
+    if p in (1.0, math.inf, -math.inf, 0.0):
+        return partials
+    return partials.sqrt() if p == 2.0 else partials.pow(1.0 / p)
+
+
+def result_dtype(dtypes) -> torch.dtype:
+    """ACC, the dtype of a call's results: fp64 when any gradient accumulates in fp64, else fp32."""
+    return torch.float64 if any(accumulation_dtype(d) == torch.float64 for d in set(dtypes)) else torch.float32
+
+
 def wide_clip_coefficient(total: torch.Tensor, max_norm: float | torch.Tensor, wide_total: torch.Tensor | None = None) -> torch.Tensor:
     """min(1, max_norm / (total + 1e-6)) in fp64 on the given (rounded) total, not rounded;
     torch.clamp keeps a NaN. Where the rounded total overflowed to inf, the unrounded
@@ -156,9 +178,7 @@ def measure(grads, max_norm, p, foreach, policy, inv_scale, per_tensor, stats, d
     returns a ``gradfuse.ClipResult``."""
     from ._engine import ClipResult, torch_norm_dtype
 
-    acc = torch.float32
-    for dtype in set(dtypes):
-        acc = torch.promote_types(acc, accumulation_dtype(dtype))
+    acc = result_dtype(dtypes)
     # The total is torch's: the p-norm of the per-tensor norms, in fp64, rounded once.
     if rows is None:
         norms64 = _per_tensor(grads, lambda group, device, dtype: _norms64(group, device, p, foreach, dtype))

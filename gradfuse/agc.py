@@ -25,7 +25,8 @@ from ._engine import ClipResult, torch_norm_dtype
 from ._layout import refuse_dtensors
 from ._tracking import named_parameters
 from ._plan import device_constant
-from .layerwise import combine, combine_all, root
+from ._reference import combine_all, root
+from .layerwise import combine
 
 
 def _check_real(value, name: str, fn: str, *, positive: bool) -> float:

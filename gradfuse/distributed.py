@@ -48,16 +48,6 @@ def _reduce_op(kind: int):
     return {_abi.NORM_INF: dist.ReduceOp.MAX, _abi.NORM_NEG_INF: dist.ReduceOp.MIN}.get(kind, dist.ReduceOp.SUM)
 
 
-def _combine(x: torch.Tensor, kind: int) -> torch.Tensor:
-    if x.numel() == 0:
-        return x.new_full((), _identity(kind))
-    if kind == _abi.NORM_INF:
-        return x.amax()
-    if kind == _abi.NORM_NEG_INF:
-        return x.amin()
-    return x.sum()
-
-
 def _all_reduce(values: torch.Tensor, flags: torch.Tensor | None, kind: int, group) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``values`` (float64, may hold NaN) combined over ``group`` as ``kind`` needs, and ``flags``
     (0/1) OR-ed, in one collective. NaN travels as a flag: MAX/MIN of NaN differ between gloo and
@@ -76,26 +66,11 @@ def _all_reduce(values: torch.Tensor, flags: torch.Tensor | None, kind: int, gro
     return out, (pack[2 * n :] != 0 if flags is not None else None)
 
 
-def _root(s: torch.Tensor, kind: int, p: float) -> torch.Tensor:
-    if kind == _abi.NORM_L2:
-        return s.sqrt()
-    if kind == _abi.NORM_P:
-        return s.pow(1.0 / p)
-    return s  # L1, +-inf: S is the norm; L0: a count
-
-
 def _masked(partials: torch.Tensor, lay: Layout, kind: int) -> torch.Tensor:
     """The partials with the identity where this rank does not count the tensor."""
     if lay.mask is None:
         return partials
     return torch.where(lay.mask, partials, _identity(kind))
-
-
-def _acc_dtype(dtypes) -> torch.dtype:
-    acc = torch.float32
-    for dtype in set(dtypes):
-        acc = torch.promote_types(acc, _reference.accumulation_dtype(dtype))
-    return acc
 
 
 @dataclass(frozen=True)
@@ -117,7 +92,7 @@ class DistributedClipResult(ClipResult):
         for s in lay.mesh_sets:
             reduced, _ = _all_reduce(masked.index_select(0, s.indices), None, kind, s.group)
             partials.index_copy_(0, s.indices, reduced)
-        norms = _root(partials, kind, p)
+        norms = _reference.root(partials, p)
         if self.inv_scale is not None and kind != _abi.NORM_L0:
             norms = norms * self.inv_scale.reshape(()).to(norms.device, torch.float64)
         return norms.to(self.result.dtype)
@@ -189,12 +164,12 @@ def clip(
     if kind == _abi.NORM_L0:
         total64, flags = _l0_count(masked, lay, flags)
     else:
-        s, flags = _all_reduce(_combine(masked, kind).reshape(1), flags, kind, lay.group)
-        total64 = _root(s[0], kind, p)
+        s, flags = _all_reduce(_reference.combine_all(masked, p).reshape(1), flags, kind, lay.group)
+        total64 = _reference.root(s[0], p)
         if inv_scale is not None:
             total64 = total64 * inv_scale.reshape(()).to(lay.device, torch.float64)
     total64 = torch.where(flags[1], total64, 0.0)  # no entry on any rank: torch's 0 (not -inf's identity)
-    acc = _acc_dtype(dtypes)
+    acc = _reference.result_dtype(dtypes)
     total, found_inf = total64.to(acc), flags[0].to(acc)
     if isinstance(max_norm, torch.Tensor):
         max_norm = max_norm.detach().reshape(()).to(lay.device)

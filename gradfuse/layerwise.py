@@ -58,20 +58,6 @@ def combine(partials: torch.Tensor, index: torch.Tensor, size: int, p: float) ->
     return partials.new_zeros(size).index_add_(0, index, partials)
 
 
-def combine_all(partials: torch.Tensor, p: float) -> torch.Tensor:
-    """The partial of all entries together (a 0-dim tensor)."""
-    if p == math.inf or p == -math.inf:
-        return partials.amax() if p > 0 else partials.amin()
-    return partials.sum()
-
-
-def root(partials: torch.Tensor, p: float) -> torch.Tensor:
-    """The norm from its partial: ``S^(1/p)``; S itself for 1, +-inf and 0 (the kernels' root)."""
-    if p in (1.0, math.inf, -math.inf, 0.0):
-        return partials
-    return partials.sqrt() if p == 2.0 else partials.pow(1.0 / p)
-
-
 def _with_factors(r: ClipResult, coef: torch.Tensor, scales: torch.Tensor) -> ClipResult:
     """``r`` with the factors applied per entry and, as ``clip_coef``, the smallest coefficient."""
     result = r.result.clone()
@@ -87,7 +73,7 @@ def clip_by_group(r: ClipResult, max_norm, index: torch.Tensor | None, size: int
     (``max_norm``: a number, a device scalar, or one per group)."""
     p = r.norm_type
     partials = r.tensor_partials if index is None else combine(r.tensor_partials, index, size, p)
-    norms = root(partials, p)
+    norms = _reference.root(partials, p)
     if inv_scale is not None and p != 0.0:
         norms = norms * inv_scale.reshape(()).to(norms.device, norms.dtype)
     coef64 = _reference.wide_clip_coefficient(norms.to(torch.float32), max_norm, norms)
@@ -98,7 +84,7 @@ def clip_by_group(r: ClipResult, max_norm, index: torch.Tensor | None, size: int
 def with_smallest_coef(r: ClipResult, max_norm, inv_scale=None) -> ClipResult:
     """A per-tensor clip's result (factors written by the kernels) with ``clip_coef`` = the
     smallest per-tensor coefficient."""
-    norms = root(r.tensor_partials, r.norm_type)
+    norms = _reference.root(r.tensor_partials, r.norm_type)
     if inv_scale is not None and r.norm_type != 0.0:
         norms = norms * inv_scale.reshape(()).to(norms.device, norms.dtype)
     return _with_factors(r, _reference.clip_coefficient(r.tensor_norms.to(torch.float32), max_norm, norms), r.tensor_scales)

@@ -36,19 +36,13 @@ RESULT_FIELDS = (
 _OUTPUTS = tuple[(torch.Tensor,) * len(RESULT_FIELDS)]
 
 
-def packed_dtype(grads: list[torch.Tensor]) -> torch.dtype:
-    """ACC for these gradients: fp64 when any gradient accumulates in fp64, else fp32."""
-    acc = {_reference.accumulation_dtype(g.dtype) for g in grads}
-    return torch.float64 if torch.float64 in acc else torch.float32
-
-
 def _shape(shape, grads: list[torch.Tensor], rows) -> list[int]:
     entries = len(grads) if rows is None else sum(rows)
     return [entries if n == T else n for n in shape]
 
 
 def _pack(r: _engine.ClipResult, grads: list[torch.Tensor], rows) -> tuple[torch.Tensor, ...]:
-    acc = packed_dtype(grads)
+    acc = _reference.result_dtype(g.dtype for g in grads)
     # copies: a custom op's outputs may not alias its inputs or each other
     return tuple(
         getattr(r, name).to(dtype or acc, copy=True) if getattr(r, name) is not None
@@ -58,7 +52,7 @@ def _pack(r: _engine.ClipResult, grads: list[torch.Tensor], rows) -> tuple[torch
 
 
 def _fake_outputs(grads: list[torch.Tensor], rows) -> tuple[torch.Tensor, ...]:
-    acc, g = packed_dtype(grads), grads[0]
+    acc, g = _reference.result_dtype(g.dtype for g in grads), grads[0]
     return tuple(g.new_empty(_shape(shape, grads, rows), dtype=dtype or acc) for _, dtype, shape in RESULT_FIELDS)
 
 
