@@ -27,13 +27,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import math
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,32 +39,19 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradfuse
+from benchmarks.environment import describe
+from benchmarks.models import GPT2Config
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SCENARIOS = {"clip": 0.0, "noclip": math.inf}
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def gpt2_124m_shapes(layers: int = 12, d: int = 768, vocab: int = 50257, ctx: int = 1024) -> list[tuple[str, tuple[int, ...]]]:
-    """GPT-2 small's parameters (HF naming, the LM head tied to wte): 148 tensors, 124.4M elements."""
-    shapes = [("transformer.wte.weight", (vocab, d)), ("transformer.wpe.weight", (ctx, d))]
-    for i in range(layers):
-        h = f"transformer.h.{i}."
-        shapes += [
-            (h + "ln_1.weight", (d,)), (h + "ln_1.bias", (d,)),
-            (h + "attn.c_attn.weight", (d, 3 * d)), (h + "attn.c_attn.bias", (3 * d,)),
-            (h + "attn.c_proj.weight", (d, d)), (h + "attn.c_proj.bias", (d,)),
-            (h + "ln_2.weight", (d,)), (h + "ln_2.bias", (d,)),
-            (h + "mlp.c_fc.weight", (d, 4 * d)), (h + "mlp.c_fc.bias", (4 * d,)),
-            (h + "mlp.c_proj.weight", (4 * d, d)), (h + "mlp.c_proj.bias", (d,)),
-        ]  # fmt: skip
-    return shapes + [("transformer.ln_f.weight", (d,)), ("transformer.ln_f.bias", (d,))]
+GPT2_124M = GPT2Config(n_layer=12, n_embd=768, vocab_size=50257, n_positions=1024)  # 148 tensors, 124.4M elements
 
 
 def named_params(dtype: torch.dtype, device: torch.device) -> list[tuple[str, torch.nn.Parameter]]:
     g = torch.Generator(device="cpu").manual_seed(0)
     out = []
-    for name, shape in gpt2_124m_shapes():
+    for name, shape in GPT2_124M.tensors():
         p = torch.nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
         p.grad = (torch.randn(shape, generator=g) * 0.01).to(device, dtype)
         out.append((name, p))
@@ -208,19 +192,9 @@ def _time_collect(telemetry, result, max_norm, device) -> float:
 
 
 def environment(device: torch.device, argv: list[str]) -> dict:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    commit = None
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
-        "device_type": device.type, "cpu": cpu, "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "gradfuse": gradfuse.__version__, "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
-        "command": shlex.join(["python", "-m", "benchmarks.monitoring", *argv]),
-    }  # fmt: skip
+    info = describe(device, argv)
+    info["command"] = shlex.join(["python", "-m", "benchmarks.monitoring", *argv])
+    return info
 
 
 def main(argv: list[str] | None = None) -> dict:
