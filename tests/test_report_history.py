@@ -227,7 +227,7 @@ def test_history_errors_name_the_problem():
 
 
 def test_the_host_read_counter_sees_item_and_bool_and_gpt2_shapes_are_gpt2s():
-    from benchmarks.monitoring import gpt2_124m_shapes
+    from benchmarks.monitoring import GPT2_124M
 
     reads = HostReads()
     x = torch.tensor([1.0, 2.0])
@@ -236,5 +236,5 @@ def test_the_host_read_counter_sees_item_and_bool_and_gpt2_shapes_are_gpt2s():
         bool(x[0] > 0)
         x.tolist()
     assert {"Tensor.item", "Tensor.__bool__", "Tensor.tolist", "aten._local_scalar_dense"} <= set(reads.seen)
-    shapes = gpt2_124m_shapes()
+    shapes = GPT2_124M.tensors()
     assert len(shapes) == 148 and sum(math.prod(s) for _, s in shapes) == 124_439_808
