@@ -18,6 +18,8 @@ Plan tables (built by ``gradfuse._plan``; one device; int64)::
     chunk_start[C]            first element of chunk c inside its tensor; the chunk holds
                               min(chunk_size, numels[t] - chunk_start[c]) elements
 
+    Every backend refuses chunk_size outside [1, 2^30] and num_chunks > 0 with num_tensors == 0.
+
 Workspace (owned by the plan, reused between calls; one stream at a time per plan)::
 
     chunk_partials float64[C]   P_c: the chunk's partial of the norm (NORM_* below), in fp64
@@ -37,19 +39,35 @@ Outputs (per call, on the plan's device)::
     result          float32[4]  RESULT_TOTAL, RESULT_FOUND_INF (0.0 / 1.0), RESULT_COEF, RESULT_SCALE
 
 Reduce (phase 1, one launch). Every element is read once on the fast path, its term accumulated in
-fp32; max |x| is tracked per element. A chunk is read a second time only when the fast path cannot
-be trusted, which finite training gradients never trigger:
+fp32 (the CPU: NORM_P's terms in fp64); max |x| is tracked per element. A chunk (the CPU decides per
+2048-element block of a chunk, and for its last partial row: "chunk" below means that unit there)
+is read a second time only when the fast path cannot be trusted, which finite training gradients
+never trigger:
 
 * it holds a NaN or Inf (max |x| is not finite): its NaN and Inf elements are counted;
 * (NORM_L2, NORM_L1, NORM_P with p > 0) its fp32 partial overflowed although every element is
   finite, or its largest term is tiny (0 < max_abs and p * log2(max_abs) < RESCAN_TERM_LOG2), where
   fp32 squares lose digits to underflow: the chunk is re-accumulated exactly enough, in fp64 or as
-  sum (|x| * 2^-e)^p in fp32 with 2^e the power of two at max_abs, times 2^(p e) in fp64.
+  sum (|x| * 2^-e)^p with 2^e the power of two at max_abs, times 2^(p e) in fp64 without forming
+  2^(p e) (one rounding, gradual underflow). The CPU's fp64 NORM_P terms flush below 2^-1022: its
+  block is re-read the same way when its fp64 sum is below 2^-958 (any p);
+* (NORM_P with p < 0, CUDA and Triton) its fp32 partial is inf (|x|^p of a tiny |x| overflowed) or
+  below 2^RESCAN_TERM_LOG2 (every |x| large) although every element is finite: the chunk is
+  re-accumulated with every term in fp64 (a zero element gives inf either way: torch's answer).
 
-So the norm is right to fp32 accuracy for every finite input (p <= 8; beyond, |x|^p may overflow
-fp64), and ``found_inf`` means a NaN or Inf element, never an overflow. The last block to finish
-(ticket counter) combines the partials in a fixed order, in fp64, so the same input gives the same
-bits on every run::
+NORM_P's terms and root use one p: the descriptor's (fp64) on the CPU; fp32(p) on CUDA and Triton,
+whose terms are fp32 (p itself where fp32(p) is 0 or inf). S_t is the sum of those terms: the same
+on every backend for a p that fp32 holds (2.5, 3, -1, ...), else within ~|ln|x|| * 2^-24 relative;
+the norms agree to fp32 accuracy either way.
+
+So the norm is right to fp32 accuracy for every finite input (|p| <= 8; beyond, |x|^p may overflow
+fp64), as far as S_t is a normal fp64 (where it is below 2^-1022, it keeps the digits fp64's
+subnormals hold), and ``found_inf`` means a NaN or Inf element, never an overflow. A chunk whose
+table entries the GPU kernels cannot read (unknown dtype tag, tensor index or start out of range:
+the host checks the tables only on the CPU) counts as one NaN element and is never read or scaled.
+
+The last block to finish (ticket counter) combines the partials in a fixed order, in fp64, so the
+same input gives the same bits on every run::
 
     S_t    = combine over chunks of t of P_c   (sum; max for NORM_INF, min for NORM_NEG_INF, with
                                                NaN propagating; the identity for an empty tensor)

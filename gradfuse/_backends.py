@@ -144,6 +144,8 @@ class TritonBackend(_Backend):
     name = "triton"
     devices = ("cuda", "cpu")
     auto_for = ("cuda",)  # on CPU tensors only through the interpreter, which is for tests
+    # Measured with the kernels' tunables (benchmarks/NOTES.md); kept here, not read from
+    # gradfuse.triton_kernels: importing that would import triton with gradfuse.
     chunk_size = 1 << 16
     module_name = "gradfuse.triton_kernels"
     how_to_get = "Install triton on Linux x86-64: pip install triton, or gradfuse's gpu extra (pip install \".[gpu]\")."

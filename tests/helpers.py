@@ -247,3 +247,28 @@ def assert_scaled(after: torch.Tensor, before: torch.Tensor, coef: float, ulps: 
     err = (g - w).abs()
     bad = err > ulps * ulp + rtol * w.abs() + 1e-300
     assert not bool(bad.any()), f"{_msg(msg)}: {int(bad.sum())} elements off by more than {ulps} ulp; worst {float((err / ulp).max()):.3g} ulp; e.g. got {g[bad][:4].tolist()} want {w[bad][:4].tolist()}"
+
+
+def ref_norms_pow2_scaled(grads, p: float) -> tuple[float, list[float]]:
+    """``ref_norms`` computed on the gradients scaled by the power of two 2^-k nearest their max |x|
+    (exact), then times 2^k: ||c x||_p = |c| ||x||_p for every p != 0, so fp64's range does not
+    limit the reference where |x|^p leaves it (|x|^8 of 1e-40, |x|^-2 of 1e-30)."""
+    biggest = max((float(g.detach().abs().max()) for g in grads if g.numel()), default=0.0)
+    k = math.frexp(biggest)[1] if 0.0 < biggest < math.inf else 0
+    total, per = ref_norms([g.detach().cpu().double() * 2.0**-k for g in grads], p)
+    return math.ldexp(total, k), [math.ldexp(n, k) for n in per]
+
+
+#: NORM_P inputs whose terms leave fp32's (or fp64's) range: name -> (gradients on the CPU, p, rtol).
+#: Each was off on some backend: the root's p not the terms' (3.3 on 1e30: 1e-6 on Triton), p < 0
+#: overflowing or underflowing fp32 (CUDA, Triton: norm 0 or inf), fp64 terms under 2^-1022 (CPU:
+#: 0), 2^(p e) formed below fp64's subnormals (Triton: 0). The last two keep the digits a subnormal
+#: fp64 S_t holds (~19 and ~11 bits), then fp32's subnormal norm.
+NORM_P_EDGES = {
+    "p=3.3 on 1e30": (lambda: [torch.linspace(1.0, 3.0, 1000) * 1e30, torch.randn(300)], 3.3, 4e-7),
+    "p=-2, one tiny value": (lambda: [torch.tensor([1e-30, 1.0])], -2.0, 2e-6),
+    "p=-2, only large values": (lambda: [torch.full((300,), 1e30), torch.full((5,), 3e38)], -2.0, 2e-6),
+    "p=-1.5, a subnormal and a zero": (lambda: [torch.tensor([3e-39, 1.0, 2.0]), torch.tensor([0.0, 5.0])], -1.5, 2e-6),
+    "p=8 under fp64's normal range": (lambda: [torch.tensor([1e-40, 2e-40])], 8.0, 1e-5),
+    "p=8, 2^(p e) under fp64's subnormals": (lambda: [torch.full((1000,), 1.9 * 2.0**-135)], 8.0, 1e-4),
+}

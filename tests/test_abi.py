@@ -63,7 +63,9 @@ def _descriptor():
         ("tensor_max_abs", 0, "tensor_max_abs is 0"),
         ("tensor_counts", 0, "tensor_counts is 0"),
         ("chunk_partials", 0, "chunk_partials is 0"),
-        ("chunk_size", 0, "chunk_size must be positive"),
+        ("chunk_size", 0, "chunk_size must be in \\[1, 2\\^30\\], got 0"),
+        ("chunk_size", (1 << 30) + 1, "chunk_size must be in \\[1, 2\\^30\\], got 1073741825"),
+        ("num_tensors", 0, "num_chunks is 2 but num_tensors is 0"),
     ],
 )
 def test_cpu_module_names_the_bad_field_before_touching_memory(field, value, words):

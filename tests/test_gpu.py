@@ -20,6 +20,7 @@ import torch
 import torch.nn.utils as tnu
 from helpers import (
     GPU_BACKENDS,
+    NORM_P_EDGES,
     assert_close_rel,
     assert_scaled,
     assert_unchanged,
@@ -28,6 +29,7 @@ from helpers import (
     params_from,
     ref_coef,
     ref_norms,
+    ref_norms_pow2_scaled,
     snapshot,
     twin_params,
 )
@@ -596,6 +598,24 @@ def test_found_inf_is_about_elements_on_gpu(backend, p):
     grads[1][chunk(backend) + 2] = math.nan
     r = gradfuse.clip_grads(params_from(grads), 1.0, p, apply=False, backend=backend)
     assert float(r.found_inf) == 1.0 and r.tensor_counts.tolist() == [[0, 0], [1, 0]]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("case", list(NORM_P_EDGES))
+def test_norm_p_edges_are_right_to_fp32_accuracy_on_gpu(backend, case):
+    """fp32 terms of NORM_P: the root takes their p (fp32(3.3), not 3.3); p < 0 chunks whose fp32
+    partial overflowed (a tiny |x|) or underflowed (only large |x|) are re-read in fp64; the scaled
+    re-read's 2^(p e) never underflows on its own."""
+    build, p, rtol = NORM_P_EDGES[case]
+    grads = [g.to(DEV) for g in build()]
+    total, per = ref_norms_pow2_scaled(grads, p)
+    r = gradfuse.clip_grads(params_from(grads), 1.0, p, apply=False, backend=backend)
+    assert float(r.found_inf) == 0.0
+    assert_close_rel(float(r.total_norm), total, rtol, f"{case}: total", atol=2.0**-149)
+    for i, (got, want) in enumerate(zip(r.tensor_norms.tolist(), per)):
+        assert_close_rel(got, want, rtol, f"{case}: tensor_norms[{i}]", atol=2.0**-149)
+    cpu = gradfuse.clip_grads(params_from([g.cpu() for g in grads]), 1.0, p, apply=False, backend="cpu")
+    assert_close_rel(float(r.total_norm), float(cpu.total_norm), 2 * rtol, f"{case}: vs the cpu backend", atol=2.0**-149)
 
 
 def _layer_grads(c: int, dtype) -> list[torch.Tensor]:

@@ -5,7 +5,8 @@
 3. overlapping views at different addresses take the reference path (torch's semantics);
 4. ``found_inf`` means a NaN/Inf element on every backend, for every p;
 5. 0-d numpy arrays and numpy/torch scalars as ``max_norm`` / ``norm_type``;
-6. the norm of finite gradients never overflows or underflows (squares outside fp32's range).
+6. the norm of finite gradients never overflows or underflows (squares outside fp32's range);
+7. NORM_P where its terms leave fp32's or fp64's range, and terms and root use one p.
 """
 
 from __future__ import annotations
@@ -15,7 +16,20 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import CPU_BACKENDS, FUSED_CPU_BACKENDS, assert_close_rel, assert_scaled, assert_unchanged, param_with_grad, params_from, ref_coef, ref_norms, snapshot
+from helpers import (
+    CPU_BACKENDS,
+    FUSED_CPU_BACKENDS,
+    NORM_P_EDGES,
+    assert_close_rel,
+    assert_scaled,
+    assert_unchanged,
+    param_with_grad,
+    params_from,
+    ref_coef,
+    ref_norms,
+    ref_norms_pow2_scaled,
+    snapshot,
+)
 
 import gradfuse
 from gradfuse import _engine, _plan
@@ -226,3 +240,25 @@ def test_a_tensor_norm_beyond_fp32_gets_a_finite_layerwise_factor(backend):
     r = _engine.clip(grads, 1.0, 2.0, apply=True, backend=backend, per_tensor=True)
     assert r.tensor_scales[0].item() == pytest.approx(1e-39, rel=1e-3) and r.tensor_scales[1].item() == 1.0
     torch.testing.assert_close(grads[0], torch.full((100,), 0.1), rtol=1e-3, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. NORM_P at the edges of fp32 and fp64 (tests/helpers.py's NORM_P_EDGES)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", list(NORM_P_EDGES))
+def test_norm_p_edges_are_right_to_fp32_accuracy(backend, case):
+    """Against fp64 on gradients scaled by a power of two (exact): p = 3.3 on 1e30 (the root takes
+    the terms' p), p < 0 with a tiny or only large values (fp32 terms overflow / underflow: re-read
+    in fp64), p = 8 under fp64's normal range (scaled re-read, no 2^(p e) of its own)."""
+    build, p, rtol = NORM_P_EDGES[case]
+    if backend == "torch" and "subnormals" in case:
+        pytest.skip("the torch reference sums fp64 terms of ~3 subnormal ulps each (~1% off)")
+    grads = build()
+    total, per = ref_norms_pow2_scaled(grads, p)
+    r = gradfuse.clip_grads(params_from(grads), 1.0, p, apply=False, backend=backend)
+    assert float(r.found_inf) == 0.0, "finite values are not NaN/Inf"
+    assert_close_rel(float(r.total_norm), total, rtol, f"{case}: total", atol=2.0**-149)
+    for i, (got, want) in enumerate(zip(r.tensor_norms.tolist(), per)):
+        assert_close_rel(got, want, rtol, f"{case}: tensor_norms[{i}]", atol=2.0**-149)

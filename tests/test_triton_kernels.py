@@ -428,6 +428,7 @@ BAD_REDUCE = [
     ("norm_kind", 9), ("policy", 3), ("flags", 4), ("chunk_size", 0), ("num_chunks", -1),
     ("result", 0), ("tensor_norms", 0), ("tensor_partials", 0), ("tensor_max_abs", 0), ("tensor_counts", 0),
     ("chunk_partials", 0), ("chunk_max_abs", 0), ("chunk_counts", 0), ("ticket", 0), ("addrs", 0),
+    ("chunk_size", (1 << 30) + 1), ("num_tensors", 0),  # the limits every backend checks
 ]  # fmt: skip
 
 
@@ -464,6 +465,53 @@ def test_flag_fields_need_their_buffers():
     with pytest.raises(ValueError, match="scale_ptr"):
         tk.scale(clip.desc, DEVICE)
     assert_bitwise_equal(grads[0], before, "gradients untouched")
+
+
+@pytest.mark.parametrize("field,value", [("chunk_size", 0), ("chunk_size", (1 << 30) + 1), ("num_tensors", 0)])
+def test_scale_refuses_the_plan_fields_the_reduce_refuses(field, value):
+    grads = [randn(100, seed=26)]
+    before = grads[0].clone()
+    clip = Clip(grads, 64)
+    setattr(clip.desc, field, value)
+    with pytest.raises(ValueError, match=field):
+        clip.scale(t_([0.5]))
+    assert_bitwise_equal(grads[0], before, "gradients untouched")
+
+
+# ---- table entries the kernels cannot read (the host does not check device tables) ---------------
+# (table, index, value): tensor 1's dtype; chunk 2, tensor 1's first chunk of 64 elements.
+UNREADABLE = [("dtypes", 1, 7), ("chunk_start", 2, -5), ("chunk_start", 2, 10**6), ("chunk_tensor", 2, 9)]
+
+
+@pytest.mark.parametrize("table,index,value", UNREADABLE, ids=[f"{t}={v}" for t, _, v in UNREADABLE])
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_an_unreadable_chunk_is_one_nan_and_never_scaled(table, index, value, per_tensor):
+    """As the CUDA kernels: the reduce reports the chunk as one NaN element (found_inf, NaN
+    total), the scale skips it, and no output outside [0, T) is written (outputs in wider buffers)."""
+    grads = [randn(100, seed=27), randn(300, seed=28)]
+    clip = Clip(grads, 64)  # tensor 0: chunks 0-1; tensor 1: chunks 2-6
+    spare = {name: torch.full((32,), -7, dtype=buf.dtype, device=DEVICE) for name, buf in clip.out.items() if name != "result"}
+    for name, buf in spare.items():
+        setattr(clip.desc, name, buf.data_ptr())
+    clip.tables[table][index] = value
+    out = clip.reduce(L2, max_norm=1.0, write_scales=per_tensor)
+    r = out["result"]
+    assert float(r[_abi.RESULT_FOUND_INF]) == 1.0 and math.isnan(float(r[_abi.RESULT_TOTAL]))
+    counts = spare["tensor_counts"].cpu()
+    assert int(counts[4:].ne(-7).sum()) == 0 and all(int(b[2:].ne(-7).sum()) == 0 for b in spare.values() if b is not spare["tensor_counts"])
+    nans = counts[:4].tolist()
+    assert nans == {"dtypes": [0, 0, 5, 0], "chunk_start": [0, 0, 1, 0], "chunk_tensor": [0, 0, 0, 0]}[table], nans
+    before = [g.clone() for g in grads]
+    factors = t_([0.5, 0.25])
+    clip.scale(factors if per_tensor else t_([0.5]), per_tensor=per_tensor)
+    f1 = 0.25 if per_tensor else 0.5
+    assert_bitwise_equal(grads[0], before[0] * 0.5, "tensor 0 scaled")
+    want = before[1] * f1
+    if table == "dtypes":
+        want = before[1]
+    else:
+        want[:64] = before[1][:64]  # chunk 2: skipped
+    assert_bitwise_equal(grads[1], want, "tensor 1: the unreadable chunk untouched")
 
 
 def test_wrong_device_is_refused():

@@ -54,8 +54,8 @@ def _with_policy(factor, found_inf, policy):
 
 @triton.jit
 def _store_tensors(
-    t,  # int32 [FINAL_BLOCK]: tensor indices
-    mask,  # int1 [FINAL_BLOCK]: the lanes that hold a tensor's final values
+    t,  # int32 | int64 [FINAL_BLOCK]: tensor indices
+    mask,  # int1 [FINAL_BLOCK]: the lanes that hold a tensor's final values (t in [0, T))
     s,  # fp64 [FINAL_BLOCK]: S_t
     max_abs,  # fp32 [FINAL_BLOCK]
     nans,  # int64 [FINAL_BLOCK]
@@ -72,6 +72,7 @@ def _store_tensors(
     WRITE_SCALES: tl.constexpr,  # FLAG_WRITE_TENSOR_SCALES
 ):
     """Every per-tensor output of the tensors in ``mask``."""
+    t = t.to(tl.int64)  # 2 * t indexes tensor_counts
     norm64 = KIND.root(s, p, inv)
     tl.store(tensor_partials_ptr + t, s, mask=mask)
     tl.store(tensor_norms_ptr + t, norm64.to(tl.float32), mask=mask)
@@ -100,7 +101,7 @@ def _load_chunks(
     last chunk read -1, so the first chunk opens a tensor and the last one closes it. ``.cg``: the
     other programs wrote these, read them from L2.
     """
-    c = c0 + lane
+    c = c0 + lane.to(tl.int64)  # int64: 2 * c indexes chunk_counts
     m = c < num_chunks
     v = tl.load(partials_ptr + c, mask=m, other=KIND.identity, cache_modifier=".cg")
     mx = tl.load(max_abs_ptr + c, mask=m, other=0.0, cache_modifier=".cg")
@@ -184,8 +185,10 @@ def finalize(
         infs = tl.where(goes_on, carry_i, 0) + infs32.to(tl.int64)
 
         closes = (c0 + lane < num_chunks) & (t_next != t_cur)  # the tensor's last chunk
+        # A chunk_tensor entry outside [0, T) (an unreadable chunk: a NaN) reaches the total but
+        # writes no tensor's outputs.
         _store_tensors(
-            t_cur, closes, s, mx, nans, infs, tensor_norms_ptr, tensor_partials_ptr, tensor_max_abs_ptr,
+            t_cur, closes & (t_cur >= 0) & (t_cur < num_tensors), s, mx, nans, infs, tensor_norms_ptr, tensor_partials_ptr, tensor_max_abs_ptr,
             tensor_counts_ptr, tensor_scales_ptr, p, inv, max_norm, KIND, WRITE_SCALES,
         )  # fmt: skip
         totals = KIND.combine(totals, tl.where(closes, KIND.total_term(s), KIND.identity))

@@ -1,5 +1,6 @@
-"""Exact stand-ins for Triton's interpreter (TRITON_INTERPRET=1), bound by ``_common`` in place of
-the GPU versions of the same names; the GPU build never sees them.
+"""Stand-ins for Triton's interpreter (TRITON_INTERPRET=1), bound by ``_common`` in place of the GPU
+versions of the same names; the GPU build never sees them. The bf16 conversions are bit-exact;
+``pow_abs`` is not (exp2(y log2|x|) in fp64, where the GPU has libdevice's pow).
 
 What the interpreter (numpy underneath) gets wrong, and what replaces it here:
 

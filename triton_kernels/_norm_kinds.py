@@ -7,14 +7,16 @@ for every kind and each compiled copy holds only its kind's code::
     kind          fold (per element, fp32)   partial P_c (fp64)   combine   root(S) * inv
     NORM_L2       acc + x^2                  sum of the lanes     sum       sqrt(S) * inv
     NORM_L1       acc + |x|                  sum                  sum       S * inv
-    NORM_P        acc + |x|^p                sum                  sum       S^(1/p) * inv
+    NORM_P        acc + |x|^p                sum                  sum       S^(1/p) * inv  (p: fp32(p))
     NORM_INF      (max |x| is kept anyway)   max |x|              max       S * inv
     NORM_NEG_INF  min(acc, |x|)              min (NaN if any)     min       S * inv
     NORM_L0       acc + (x != 0)             sum (exact counts)   sum       S (unscaled)
 
 max and min propagate NaN; a sum carries NaN and Inf like torch's (L0 counts a NaN as non-zero).
 For the sums of powers (L2, L1, P) ``fold(acc, x, p) = acc + term(x)`` with ``term(x) = |x|^p``
-multiplicative, which the exact re-read of a chunk relies on (``exact``). The total is
+multiplicative, which the exact re-read of a chunk relies on (``exact``; for p < 0,
+``exact_negative``: every term again in fp64). NORM_P's terms take fp32(p), the kernel's ``p``
+operand, and so does its root (``_term_order``), so terms and root use one p. The total is
 ``root(combine over t of total_term(S_t))``: S_t itself, or for L0 the count of tensors with
 S_t != 0.
 """
@@ -44,6 +46,7 @@ class NormKind(NamedTuple):
     reduce: triton.JITFunction  # reduce(v): combine over a block's lanes, in a fixed tree
     root: triton.JITFunction  # root(S, p, inv) -> the norm
     total_term: triton.JITFunction  # total_term(S_t): what tensor t adds to the total's partial
+    exact_negative: bool = False  # NORM_P, p < 0: a finite chunk whose fp32 partial left fp32's range is re-read in fp64
 
 
 # ---- per element ------------------------------------------------------------------------------
@@ -165,8 +168,16 @@ def _root_sqrt(s, p, inv):
 
 
 @triton.jit
+def _term_order(p):
+    """NORM_P's order as its fp32 terms see it, which the root takes too: fp32(p), or p itself
+    where fp32(p) is 0 or inf (|p| beyond fp32's range). p: fp64."""
+    p32 = p.to(tl.float32)
+    return tl.where((p32 == 0.0) | (tl.abs(p32) == float("inf")), p, p32.to(tl.float64))
+
+
+@triton.jit
 def _root_p(s, p, inv):
-    return pow_abs(s, 1.0 / p) * inv
+    return pow_abs(s, 1.0 / _term_order(p)) * inv
 
 
 @triton.jit
@@ -196,7 +207,9 @@ _MIN = dict(combine=min_nan, scan=_scan_min, reduce=_reduce_min)
 NORM_KINDS = {
     _abi.NORM_L2: NormKind(0.0, 2.0, True, _fold_square, _partial_sum, **_SUM, root=_root_sqrt, total_term=_same),
     _abi.NORM_L1: NormKind(0.0, 1.0, True, _fold_abs, _partial_sum, **_SUM, root=_root_none, total_term=_same),
-    _abi.NORM_P: NormKind(0.0, None, True, _fold_pow, _partial_sum, **_SUM, root=_root_p, total_term=_same),
+    _abi.NORM_P: NormKind(
+        0.0, None, True, _fold_pow, _partial_sum, **_SUM, root=_root_p, total_term=_same, exact_negative=True
+    ),
     _abi.NORM_INF: NormKind(0.0, 1.0, False, _fold_nothing, _partial_max, **_MAX, root=_root_none, total_term=_same),
     _abi.NORM_NEG_INF: NormKind(
         float("inf"), 1.0, False, _fold_min, _partial_min, **_MIN, root=_root_none, total_term=_same

@@ -12,18 +12,23 @@ One program per chunk of the plan (grid = num_chunks, at least 1). Each program:
    * max |x| not finite: its NaN and Inf elements are counted (else the counts are 0);
    * L2 / L1 / P with p > 0, chunk finite, and P_c overflowed (|x| > ~1.8e19 for squares) or
      0 < max_abs with p * log2(max_abs) < RESCAN_TERM_LOG2 (fp32 terms near the subnormals):
-     P_c = sum over the chunk of term(|x| 2^-e) in fp32, times term(2^e) in fp64, with 2^e the
-     power of two at max_abs: exact to fp32 accuracy for every finite input (p <= 8);
-   * INF, NEG_INF, L0: no such re-read (max, min and counts are exact); nor P with p < 0, whose
-     largest terms are those of the smallest |x|: a term beyond fp32's range makes S_t inf and
-     the norm 0, where the true norm is below ~2^(-128 / |p|) (as torch's fp32 would);
+     P_c = sum over the chunk of term(|x| 2^-e) in fp32, times 2^(p e) in fp64 (``_times_pow2``:
+     no 2^(p e) of its own, which could underflow), with 2^e the power of two at max_abs: exact
+     to fp32 accuracy for every finite input (p <= 8);
+   * P with p < 0, chunk finite, and P_c overflowed (|x|^p of a tiny |x|) or is below
+     2^RESCAN_TERM_LOG2 (only large |x|): P_c = the sum with every term in fp64 (a zero element
+     still gives inf, torch's answer: norm 0);
+   * INF, NEG_INF, L0: no such re-read (max, min and counts are exact);
 
-   and writes chunk_partials[c], chunk_max_abs[c], chunk_counts[2c : 2c + 2];
+   and writes chunk_partials[c], chunk_max_abs[c], chunk_counts[2c : 2c + 2] (a chunk the tables
+   do not describe, ``resolve_chunk``: NaN, NaN, 1 NaN element, never read);
 3. takes a ticket (``atomic_add(ticket, 1)``, acq_rel, after a CTA barrier so the whole program's
    stores are released). The program that draws the last ticket runs ``_finalize.finalize`` and
    resets the ticket to 0 for the next call.
 
-One launch, no host synchronisation, no allocation: capturable in a CUDA graph.
+NORM_P's terms use fp32(p) (the ``p`` the chunk functions get), and so does the root
+(``_norm_kinds._term_order``). One launch, no host synchronisation, no allocation: capturable in a
+CUDA graph.
 """
 
 from __future__ import annotations
@@ -37,9 +42,11 @@ import triton.language as tl
 from gradfuse import _abi
 
 from ._common import (
+    DTYPE_BF16,
     DTYPE_F16,
     DTYPE_F32,
     RESCAN_TERM_LOG2,
+    TINY_TERM,
     annotated,
     check_device,
     check_plan,
@@ -47,23 +54,25 @@ from ._common import (
     head_length,
     launch_context,
     load_f32,
+    pow_abs,
     require,
+    resolve_chunk,
 )
 from ._finalize import finalize
 from ._norm_kinds import NORM_KINDS
 
-# ---- tunables (CHUNK_SIZE, BLOCK, NUM_WARPS: measured on an H200, benchmarks/NOTES.md) ------------
-CHUNK_SIZE = 1 << 16  # elements per chunk (one program); the plan is built with it
+# ---- tunables (the chunk size is the plan's: gradfuse._backends.TritonBackend.chunk_size) -----------
+# Measured on an H200 (benchmarks/NOTES.md): BLOCK and NUM_WARPS with the chunk size.
 BLOCK = 2048  # elements per vector access (BLOCK / (32 * NUM_WARPS) per thread)
 UNROLL_32 = 2  # vector accesses in flight per step of the body loop, fp32 gradients
 UNROLL_16 = 4  # the same for fp16 / bf16 gradients (same bytes in flight)
 NUM_WARPS = 8  # warps per program of the reduce kernel
 FINAL_BLOCK = 512  # chunks per step of the finalize scan (run by the last program)
-# Registers per thread: 80 lets 3 programs of 8 warps share an SM (65536 registers), as the measured
-# v1 kernel had (72). ptxas (sm_90) gives the chunk loop ~62; the v2 finalize, run by one program
-# per call, would take ~106 and spills the excess instead. NORM_P (powf, compute-bound): 128, 2
-# programs per SM, one reload from L1 per loop step (uncapped, Triton 3.6 takes 172: 1 per SM).
-# Not yet measured on a GPU.
+# Register caps, not yet measured on a GPU (set from ptxas's counts for sm_90 and the occupancy
+# they allow): 80 lets 3 programs of 8 warps share an SM (65536 registers), as the measured v1
+# kernel had (72); the chunk loop takes ~62, the v2 finalize, run by one program per call, would
+# take ~106 and spills the excess instead. NORM_P (powf, compute-bound): 128, 2 programs per SM,
+# one reload from L1 per loop step (uncapped, Triton 3.6 takes 172: 1 per SM).
 MAX_REGISTERS = 80
 MAX_REGISTERS_POW = 128
 
@@ -142,13 +151,31 @@ def _pow2_f32(k):
 
 
 @triton.jit
+def _pow2_f64(k):
+    """2^k in fp64, exactly, for integer -1022 <= k <= 1023."""
+    return ((k.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _times_pow2(s, power, e):
+    """s * 2^(power e) in fp64 (s >= 1, power: fp64, e: int32) without forming 2^(power e), which
+    may leave fp64's range where the product does not: one rounding, gradual underflow (CUDA's
+    times_pow2). 2^k is applied as two exact halves, the first product staying normal."""
+    t = power * e.to(tl.float64)
+    k = tl.floor(t)
+    v = s * pow_abs(tl.full([], 2.0, tl.float64), t - k)  # 2^frac, in [1, 2)
+    k1 = k.to(tl.int32) >> 1
+    return (v * _pow2_f64(k1)) * _pow2_f64(k.to(tl.int32) - k1)
+
+
+@triton.jit
 def _exact_partial(ptr, n, max_abs, p, KIND: tl.constexpr, BLOCK: tl.constexpr):
     """P_c of a finite chunk (``ptr``: *fp32 | *fp16 | *bf16 [n]) whose fp32 terms overflow or
-    underflow: sum term(|x| 2^-e) in fp32 times term(2^e) in fp64, 2^e <= max_abs < 2^(e+1).
+    underflow: sum term(|x| 2^-e) in fp32 times 2^(p e) in fp64, 2^e <= max_abs < 2^(e+1).
 
     The scaled elements are below 2, their terms below 2^p: no overflow, and the largest terms
-    keep every digit. 2^-e is applied as two exact fp32 factors (2^149 has no fp32 form), 2^e is
-    exact in fp64, and term is multiplicative (|x|^p), so only fp32 rounding remains.
+    keep every digit. 2^-e is applied as two exact fp32 factors (2^149 has no fp32 form), and term
+    is multiplicative (|x|^p, p the kind's order), so only fp32 rounding remains.
     """
     e = _exponent(max_abs)
     half = (-e) >> 1
@@ -159,8 +186,21 @@ def _exact_partial(ptr, n, max_abs, p, KIND: tl.constexpr, BLOCK: tl.constexpr):
     for off in range(0, n, BLOCK):
         x = load_f32(ptr + off + idx, idx < n - off)  # masked-off lanes read 0: term 0 for p > 0
         acc = KIND.fold(acc, x * down_hi * down_lo, p)
-    up = ((e.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)  # 2^e
-    return tl.sum(acc.to(tl.float64), axis=0) * KIND.fold(tl.zeros([], tl.float64), up, p.to(tl.float64))
+    return _times_pow2(tl.sum(acc.to(tl.float64), axis=0), p.to(tl.float64), e)
+
+
+@triton.jit
+def _fp64_partial(ptr, n, p, BLOCK: tl.constexpr):
+    """P_c of a finite chunk for NORM_P with p < 0 whose fp32 partial left fp32's range: sum |x|^p
+    with every term in fp64 (p: the fast path's fp32 p). Masked-off lanes add nothing."""
+    idx = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], tl.float64)
+    p64 = p.to(tl.float64)
+    for off in range(0, n, BLOCK):
+        m = idx < n - off
+        x = load_f32(ptr + off + idx, m).to(tl.float64)
+        acc += tl.where(m, pow_abs(x, p64), 0.0)
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
@@ -189,6 +229,9 @@ def _reduce_chunk(
             tiny = (max_abs > 0.0) & (p * tl.log2(max_abs) < RESCAN_TERM_LOG2)
             if (p > 0.0) & (overflowed | tiny):
                 partial = _exact_partial(ptr, n, max_abs, p, KIND, BLOCK)
+        if KIND.exact_negative:
+            if (p < 0.0) & ((partial == float("inf")) | (partial < TINY_TERM)):
+                partial = _fp64_partial(ptr, n, p, BLOCK)
     else:
         nans, infs = _count_nonfinite(ptr, n, BLOCK)
     tl.store(partials_ptr + c, partial)
@@ -247,23 +290,28 @@ def _reduce_kernel(
     ticket_ptr = ticket.to(tl.pointer_type(tl.int32))
     p32 = p.to(tl.float32)
 
-    c = tl.program_id(0)
+    c = tl.program_id(0).to(tl.int64)  # int64: 2 * c indexes chunk_counts
     if c < num_chunks:
-        t = tl.load(chunk_tensor.to(tl.pointer_type(tl.int64)) + c)
-        start = tl.load(chunk_start.to(tl.pointer_type(tl.int64)) + c)  # int64: tensors may exceed 2^31 elements
-        n = tl.minimum(tl.load(numels.to(tl.pointer_type(tl.int64)) + t) - start, chunk_size).to(tl.int32)
-        dt = tl.load(dtypes.to(tl.pointer_type(tl.int64)) + t)
-        addr = tl.load(addrs.to(tl.pointer_type(tl.int64)) + t)
+        _t, addr, n, dt = resolve_chunk(
+            c, num_tensors, chunk_size, addrs.to(tl.pointer_type(tl.int64)), numels.to(tl.pointer_type(tl.int64)),
+            dtypes.to(tl.pointer_type(tl.int64)), chunk_tensor.to(tl.pointer_type(tl.int64)),
+            chunk_start.to(tl.pointer_type(tl.int64)),
+        )  # fmt: skip
         # The dtype picks the pointer type (a runtime branch; each arm is a specialised copy).
         if dt == DTYPE_F32:
-            x32 = (addr + start * 4).to(tl.pointer_type(tl.float32))
+            x32 = addr.to(tl.pointer_type(tl.float32))
             _reduce_chunk(x32, n, c, p32, partials_ptr, max_abs_ptr, counts_ptr, KIND, BLOCK, UNROLL_32)
         elif dt == DTYPE_F16:
-            x16 = (addr + start * 2).to(tl.pointer_type(tl.float16))
+            x16 = addr.to(tl.pointer_type(tl.float16))
             _reduce_chunk(x16, n, c, p32, partials_ptr, max_abs_ptr, counts_ptr, KIND, BLOCK, UNROLL_16)
-        else:
-            xb16 = (addr + start * 2).to(tl.pointer_type(tl.bfloat16))
+        elif dt == DTYPE_BF16:
+            xb16 = addr.to(tl.pointer_type(tl.bfloat16))
             _reduce_chunk(xb16, n, c, p32, partials_ptr, max_abs_ptr, counts_ptr, KIND, BLOCK, UNROLL_16)
+        else:  # UNREADABLE: one NaN element, never read (found_inf), as the CUDA kernel reports it
+            tl.store(partials_ptr + c, float("nan"))
+            tl.store(max_abs_ptr + c, float("nan"))
+            tl.store(counts_ptr + 2 * c, 1)
+            tl.store(counts_ptr + 2 * c + 1, 0)
 
     # Every thread's stores happen before this program's ticket (release); the last ticket's
     # acquire makes every program's workspace entries visible to the finalize.

@@ -12,6 +12,8 @@ propagates like torch). Otherwise, for every element of the chunk::
                                       (POLICY_ZERO: NaN * 0 would stay NaN)
 
 Same chunk walk as the reduce (head to the 16-byte boundary, unmasked aligned body, masked tail).
+A chunk the tables do not describe (``_common.resolve_chunk``: unknown dtype tag, tensor index or
+start out of range) is skipped, as the CUDA kernel skips it.
 One launch, no host synchronisation, no allocation: capturable in a CUDA graph.
 """
 
@@ -24,6 +26,7 @@ import triton.language as tl
 from gradfuse import _abi
 
 from ._common import (
+    DTYPE_BF16,
     DTYPE_F16,
     DTYPE_F32,
     INTERPRETED,
@@ -34,6 +37,7 @@ from ._common import (
     launch_context,
     load_f32,
     require,
+    resolve_chunk,
     store_f32,
 )
 
@@ -85,43 +89,36 @@ def _scale_chunk(
 
 @triton.jit
 def _scale_chunk_at(
-    c,  # the chunk's index
-    t,  # its tensor
+    addr,  # int64: the chunk's first element (resolve_chunk)
+    n,  # int32: its elements
+    dt,  # its dtype tag, or UNREADABLE
     s,  # fp32: the factor
-    addrs_ptr,  # *int64 [T]: addrs
-    numels_ptr,  # *int64 [T]: numels
-    dtypes_ptr,  # *int64 [T]: dtypes
-    chunk_start_ptr,  # *int64 [C]: chunk_start
-    chunk_size,
     BLOCK_32: tl.constexpr,
     BLOCK_16: tl.constexpr,
     ZERO_IF_SCALE_IS_ZERO: tl.constexpr,
 ):
-    """Chunk c of tensor t, scaled by s."""
-    start = tl.load(chunk_start_ptr + c)  # int64: tensors may exceed 2^31 elements
-    n = tl.minimum(tl.load(numels_ptr + t) - start, chunk_size).to(tl.int32)
-    dt = tl.load(dtypes_ptr + t)
-    addr = tl.load(addrs_ptr + t)
+    """One resolved chunk, scaled by s; an unreadable one is left alone."""
     # The dtype picks the pointer type (a runtime branch; each arm is a specialised copy).
     if dt == DTYPE_F32:
-        _scale_chunk((addr + start * 4).to(tl.pointer_type(tl.float32)), n, s, BLOCK_32, ZERO_IF_SCALE_IS_ZERO)
+        _scale_chunk(addr.to(tl.pointer_type(tl.float32)), n, s, BLOCK_32, ZERO_IF_SCALE_IS_ZERO)
     elif dt == DTYPE_F16:
-        _scale_chunk((addr + start * 2).to(tl.pointer_type(tl.float16)), n, s, BLOCK_16, ZERO_IF_SCALE_IS_ZERO)
-    else:
-        _scale_chunk((addr + start * 2).to(tl.pointer_type(tl.bfloat16)), n, s, BLOCK_16, ZERO_IF_SCALE_IS_ZERO)
+        _scale_chunk(addr.to(tl.pointer_type(tl.float16)), n, s, BLOCK_16, ZERO_IF_SCALE_IS_ZERO)
+    elif dt == DTYPE_BF16:
+        _scale_chunk(addr.to(tl.pointer_type(tl.bfloat16)), n, s, BLOCK_16, ZERO_IF_SCALE_IS_ZERO)
 
 
 # Every address argument is the descriptor field of the same name: an int64 holding the address of
 # the buffer described in its comment (0 where the field is absent).
 @annotated
-@triton.jit(do_not_specialize=["addrs", "numels", "dtypes", "chunk_tensor", "chunk_start", "num_chunks",
-                               "chunk_size", "tensor_scales", "scale_ptr"])  # fmt: skip
+@triton.jit(do_not_specialize=["addrs", "numels", "dtypes", "chunk_tensor", "chunk_start", "num_tensors",
+                               "num_chunks", "chunk_size", "tensor_scales", "scale_ptr"])  # fmt: skip
 def _scale_kernel(
     addrs: tl.int64,  # *int64 [T]: address of element 0 of each tensor
     numels: tl.int64,  # *int64 [T]: elements per tensor
     dtypes: tl.int64,  # *int64 [T]: DTYPE_F32 | DTYPE_F16 | DTYPE_BF16
     chunk_tensor: tl.int64,  # *int64 [C]: tensor of each chunk
     chunk_start: tl.int64,  # *int64 [C]: first element of each chunk inside its tensor
+    num_tensors: tl.int64,  # T
     num_chunks: tl.int64,  # C
     chunk_size: tl.int64,
     tensor_scales: tl.int64,  # *fp32 [T]: the factor of each tensor (PER_TENSOR), or 0
@@ -141,17 +138,18 @@ def _scale_kernel(
         scales_ptr = tensor_scales.to(tl.pointer_type(tl.float32))
         for c in range(tl.program_id(0), num_chunks, tl.num_programs(0)):
             t = tl.load(chunk_tensor_ptr + c)
-            s = tl.load(scales_ptr + t)
+            s = tl.load(scales_ptr + tl.where((t >= 0) & (t < num_tensors), t, 0))  # an unreadable t: skipped below
             if s != 1.0:
-                _scale_chunk_at(c, t, s, addrs_ptr, numels_ptr, dtypes_ptr, chunk_start_ptr, chunk_size,
-                                BLOCK_32, BLOCK_16, ZERO_IF_SCALE_IS_ZERO)  # fmt: skip
+                _t, addr, n, dt = resolve_chunk(c, num_tensors, chunk_size, addrs_ptr, numels_ptr, dtypes_ptr,
+                                                chunk_tensor_ptr, chunk_start_ptr)  # fmt: skip
+                _scale_chunk_at(addr, n, dt, s, BLOCK_32, BLOCK_16, ZERO_IF_SCALE_IS_ZERO)
     else:
         s = tl.load(scale_ptr.to(tl.pointer_type(tl.float32)))
         if s != 1.0:  # else nothing to do
             for c in range(tl.program_id(0), num_chunks, tl.num_programs(0)):
-                t = tl.load(chunk_tensor_ptr + c)
-                _scale_chunk_at(c, t, s, addrs_ptr, numels_ptr, dtypes_ptr, chunk_start_ptr, chunk_size,
-                                BLOCK_32, BLOCK_16, ZERO_IF_SCALE_IS_ZERO)  # fmt: skip
+                _t, addr, n, dt = resolve_chunk(c, num_tensors, chunk_size, addrs_ptr, numels_ptr, dtypes_ptr,
+                                                chunk_tensor_ptr, chunk_start_ptr)  # fmt: skip
+                _scale_chunk_at(addr, n, dt, s, BLOCK_32, BLOCK_16, ZERO_IF_SCALE_IS_ZERO)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -198,7 +196,7 @@ def scale(desc: _abi.ClipDesc, device: torch.device) -> None:
     d = desc
     with launch_context(device):
         _scale_kernel[(_num_programs(d.num_chunks, device),)](
-            d.addrs, d.numels, d.dtypes, d.chunk_tensor, d.chunk_start, d.num_chunks, d.chunk_size,
+            d.addrs, d.numels, d.dtypes, d.chunk_tensor, d.chunk_start, d.num_tensors, d.num_chunks, d.chunk_size,
             d.tensor_scales, d.scale_ptr,
             **config(bool(d.flags & _abi.FLAG_READ_TENSOR_SCALES), bool(d.zero_if_scale_is_zero)),
         )  # fmt: skip

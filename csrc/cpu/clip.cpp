@@ -19,6 +19,9 @@ namespace {
 // ~100 KiB, so no more threads are woken than there are runs.
 constexpr int64_t kRunBytes = int64_t{1} << 18;
 constexpr int64_t kChunkCostBytes = 1024;
+// The largest chunk_size of the contract: the CUDA kernels index inside a chunk with int32, and every
+// backend checks the same limit.
+constexpr int64_t kMaxChunkSize = int64_t{1} << 30;
 
 [[noreturn]] void fail(const std::string& what) { throw std::invalid_argument("gradfuse._C_cpu: " + what); }
 
@@ -145,9 +148,12 @@ void require(uint64_t address, const char* field) {
 }
 
 void check_common(const ClipDesc& d) {
-  if (d.chunk_size < 1) fail("chunk_size must be positive, got " + std::to_string(d.chunk_size));
+  if (d.chunk_size < 1 || d.chunk_size > kMaxChunkSize)
+    fail("chunk_size must be in [1, 2^30], got " + std::to_string(d.chunk_size));
   if (d.num_chunks < 0) fail("num_chunks must be >= 0, got " + std::to_string(d.num_chunks));
   if (d.num_tensors < 0) fail("num_tensors must be >= 0, got " + std::to_string(d.num_tensors));
+  if (d.num_chunks > 0 && d.num_tensors == 0)
+    fail("num_chunks is " + std::to_string(d.num_chunks) + " but num_tensors is 0");
   if (d.flags & ~(FLAG_WRITE_TENSOR_SCALES | FLAG_READ_TENSOR_SCALES))
     fail("flags " + std::to_string(d.flags) + " has bits outside FLAG_WRITE_TENSOR_SCALES | FLAG_READ_TENSOR_SCALES");
   if (d.num_chunks > 0) {
@@ -202,7 +208,7 @@ void check_reduce(const ClipDesc& d) {
   }
 }
 
-// The scale phase may run without num_tensors' tables, so tensors are checked through their chunks.
+// The scale reads the tensors through their chunks: each chunk's tensor index and bounds.
 void check_scale(const ClipDesc& d) {
   check_common(d);
   if (d.flags & FLAG_READ_TENSOR_SCALES) require(d.tensor_scales, "tensor_scales");
@@ -210,7 +216,7 @@ void check_scale(const ClipDesc& d) {
   const Plan plan(d);
   for (int64_t c = 0; c < plan.num_chunks; ++c) {
     const int64_t t = plan.chunk_tensor[c];
-    if (t < 0 || (d.num_tensors > 0 && t >= d.num_tensors))
+    if (t < 0 || t >= d.num_tensors)
       fail("chunk_tensor[" + std::to_string(c) + "] is " + std::to_string(t) + ", not a tensor index");
     check_tensor(plan, t);
     check_chunk(plan, c, t);

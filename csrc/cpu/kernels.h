@@ -26,7 +26,8 @@ struct KernelSet {
   const char* isa;  // "avx512", "avx2" or "generic"
   // Partial of the n elements at `data` (any alignment) of dtype tag `dtype` for `kind` (p is used
   // by NORM_P only). Every element is read once, except blocks that hold a NaN/Inf (counted) or
-  // whose fp32 sums cannot be trusted (overflow of finite values, tiny magnitudes: re-added in fp64).
+  // whose sums cannot be trusted: fp32 sums of finite values that overflowed or are tiny (re-added
+  // in fp64), NORM_P's fp64 terms all tiny (re-read scaled by a power of two).
   SpanPartial (*reduce)(const void* data, int64_t n, int64_t dtype, int kind, double p);
   // x = x * s in fp32 with one rounding back to the dtype (round to nearest even).
   void (*scale)(void* data, int64_t n, int64_t dtype, float s);

@@ -72,7 +72,6 @@ struct Vec {
   static F as_float(I a) { return _mm256_castsi256_ps(a); }
   static I max_i(I a, I b) { return _mm256_max_epi32(a, b); }
   static I min_i(I a, I b) { return _mm256_min_epi32(a, b); }
-  // a is a non-negative bit pattern, so a != 0 is a > 0; the compare gives -1 there.
   // Per 32-bit lane, the larger of its two 16-bit halves (unsigned).
   static I max_of_halves(I v) { return _mm256_max_epi32(_mm256_srli_epi32(v, 16), _mm256_and_si256(v, _mm256_set1_epi32(0xffff))); }
   // mx with the |x| bit patterns of the 16 16-bit elements at p folded in, lane-halves wise.
@@ -80,6 +79,7 @@ struct Vec {
     const I w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm256_max_epu16(mx, _mm256_and_si256(w, _mm256_set1_epi16(0x7fff)));
   }
+  // a is a non-negative bit pattern, so a != 0 is a > 0; the compare gives -1 there.
   static I count_nonzero(I cnt, I a) { return _mm256_sub_epi32(cnt, _mm256_cmpgt_epi32(a, _mm256_setzero_si256())); }
 };
 

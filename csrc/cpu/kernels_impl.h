@@ -2,8 +2,9 @@
 //
 // Textually included by kernels_avx512.cpp, kernels_avx2.cpp and kernels_generic.cpp inside their
 // own namespace, after `#pragma GCC target(...)` and the definition of `Vec` (so every function here
-// is compiled for that instruction set). Include the standard headers, abi.h, float_bits.h and
-// kernels.h before the pragma, never from here. No include guard on purpose.
+// is compiled for that instruction set). Include the standard headers (<cmath>, <cstring>),
+// float_bits.h and kernels.h (which brings gradfuse_abi.h) before the pragma, never from here. No
+// include guard on purpose.
 //
 // Vec provides, for W = Vec::kWidth fp32 lanes (F) and int32 lanes (I):
 //   zero, set1, set1_i, load_f32/_f16 (unaligned, to fp32), max_abs_u16 (|x| bit patterns of 2W
@@ -30,7 +31,11 @@
 //     overflowed although every element is finite, or its max |x| is so small that fp32 squares
 //     lose digits to underflow (kTinyBits): then its terms are re-added in fp64, which holds the
 //     square of every finite fp32 value. Finite gradients of ordinary magnitude never take it.
-//   * |x|^p is computed and summed in fp64 (add_pow_abs), each of the 64 lanes in row order.
+//   * |x|^p is computed and summed in fp64 (add_pow_abs), each of the 64 lanes in row order, per
+//     block, then added to the span's lanes. A finite block (or the last partial row) whose terms
+//     are all tiny (their sum below kTinyPowSum, where add_pow_abs's flush of terms under 2^-1022
+//     to 0 could matter) is read again scaled by a power of two (rescan_tiny_pow), as the GPU
+//     backends re-read such a chunk.
 
 namespace {
 
@@ -96,84 +101,34 @@ inline int row_lane(int i) {
   else return i;
 }
 
-// add_pow_abs runs on 8 fp64 lanes through the compiler's vector extension (one zmm, two ymm or four
-// xmm registers): explicit SIMD without control flow. Written as scalar code, GCC keeps the
-// selects as branches around FP operations (which could trap) and does not vectorise the loop.
-typedef double F64x8 __attribute__((vector_size(64)));
-typedef uint64_t U64x8 __attribute__((vector_size(64)));
-typedef float F32x8 __attribute__((vector_size(32)));
-constexpr int kPowLanes = 8;
-static_assert(kLanes % kPowLanes == 0, "a row must be whole add_pow_abs vectors");
-#if defined(__GNUC__) && !defined(__clang__)
-// These vectors never cross an ABI boundary (internal linkage), so GCC's note that returning them
-// by value depends on AVX-512 does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
+#include "kernels_pow.h"  // add_pow_abs, times_pow2, kTinyPowSum
 
-inline F64x8 splat(double v) { return F64x8{v, v, v, v, v, v, v, v}; }
-
-inline U64x8 splat_u(uint64_t v) { return U64x8{v, v, v, v, v, v, v, v}; }
-
-// mask ? a : b, lane by lane (mask lanes all ones or all zeros, as comparisons give).
-inline F64x8 select(const U64x8& mask, const F64x8& a, const F64x8& b) { return (F64x8)(((U64x8)a & mask) | ((U64x8)b & ~mask)); }
-
-// sum += |x|^p, lane by lane, with |x|^p = exp(p ln|x|) in fp64:
-//   ln|x| = e ln2 + ln m with |x| = m 2^e, m in [sqrt(1/2), sqrt(2)), and
-//   ln m = 2 atanh(s) = 2 (s + s^3/3 + ... + s^17/17), s = (m - 1)/(m + 1), |s| <= 0.172;
-//   exp(y) = 2^k exp(r), k = round(y / ln2), |r| <= ln2/2, exp(r) by its degree-12 Taylor polynomial.
-// Relative error ~1e-15 for the fp32 inputs it gets. Special cases as IEEE pow: 0^p = 0 (p > 0) or
-// Inf (p < 0), Inf^p = Inf or 0, NaN^p = NaN; results below 2^-1022 flush to 0.
-inline void add_pow_abs(const F64x8& xs, double p, F64x8& sum) {
-  constexpr double kInf = __builtin_inf();
-  constexpr double kLn2 = 0x1.62e42fefa39efp-1;
-  constexpr double kLn2Hi = 0x1.62e42fefa3800p-1;  // few mantissa bits: k * kLn2Hi is exact
-  constexpr double kLn2Lo = 0x1.ef35793c76730p-45;
-  constexpr double kLog2e = 0x1.71547652b82fep0;
-  constexpr double kRound = 0x1.8p52;  // adding it rounds to an integer kept in the low mantissa bits
-  const U64x8 b = (U64x8)xs & 0x7fffffffffffffffull;
-  const F64x8 x = (F64x8)b;
-  // m in [sqrt(1/2), sqrt(2)) and e from the bits; the mantissa of sqrt(2) is 0x6a09e667f3bcd.
-  const U64x8 frac = b & 0x000fffffffffffffull;
-  const U64x8 high = (U64x8)(frac > splat_u(0x6a09e667f3bcdull)) & 1;
-  const F64x8 m = (F64x8)(frac | (0x3ff0000000000000ull - (high << 52)));
-  const F64x8 e = (F64x8)(((b >> 52) + high) | 0x4330000000000000ull) - (0x1p52 + 1023.0);
-  const F64x8 s = (m - 1.0) / (m + 1.0);
-  const F64x8 s2 = s * s;
-  F64x8 t = splat(1.0 / 17);
-  t = t * s2 + 1.0 / 15;
-  t = t * s2 + 1.0 / 13;
-  t = t * s2 + 1.0 / 11;
-  t = t * s2 + 1.0 / 9;
-  t = t * s2 + 1.0 / 7;
-  t = t * s2 + 1.0 / 5;
-  t = t * s2 + 1.0 / 3;
-  t = t * s2 + 1.0;
-  const F64x8 y = p * (e * kLn2 + 2.0 * s * t);
-  // Where exp(y) leaves fp64's range (|k| > ~1023) the steps below give garbage that the selects at
-  // the end replace, so y needs no clamp.
-  const F64x8 k = (y * kLog2e + kRound) - kRound;
-  const F64x8 r = (y - k * kLn2Hi) - k * kLn2Lo;
-  F64x8 q = splat(1.0 / 479001600);  // 1/12!
-  q = q * r + 1.0 / 39916800;
-  q = q * r + 1.0 / 3628800;
-  q = q * r + 1.0 / 362880;
-  q = q * r + 1.0 / 40320;
-  q = q * r + 1.0 / 5040;
-  q = q * r + 1.0 / 720;
-  q = q * r + 1.0 / 120;
-  q = q * r + 1.0 / 24;
-  q = q * r + 1.0 / 6;
-  q = q * r + 0.5;
-  q = q * r + 1.0;
-  q = q * r + 1.0;
-  // 2^k from its exponent field (k + 1023 lands in the low mantissa bits of k + kRound + 1023).
-  const F64x8 two_k = (F64x8)((U64x8)(k + (kRound + 1023.0)) << 52);
-  F64x8 result = q * two_k;
-  result = select((U64x8)(k > splat(1023.0)), splat(kInf), result);
-  result = select((U64x8)(k < splat(-1022.0)), splat(0.0), result);
-  result = select((U64x8)(x == splat(0.0)), splat(p > 0 ? 0.0 : kInf), result);
-  result = select((U64x8)(x == splat(kInf)), splat(p > 0 ? kInf : 0.0), result);
-  sum += select((U64x8)(x != x), x, result);
+// NORM_P: `lanes` holds the fp64 lane sums of the finite elements [i0, i1) of x. When every term is
+// tiny (their sum below kTinyPowSum, 0 included, and max |x| > 0) they are recomputed as
+// (|x| 2^-e)^p with 2^e the power of two above max |x| (exact scaling; the largest terms keep every
+// digit), element i into lane (i - i0) % kLanes, and their sum times 2^(p e) into lane 0
+// (times_pow2: one rounding per block, as the GPU's one per chunk, where the result is subnormal).
+// For p < 0 a tiny sum means every |x| is large, so the scaled terms stay near 1 too.
+template <int64_t D>
+inline void rescan_tiny_pow(const typename Storage<D>::T* x, int64_t i0, int64_t i1, int32_t max_bits, double p, double* lanes) {
+  double sum = 0.0;
+  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+  if (!(max_bits > 0 && sum < kTinyPowSum)) return;  // NaN / Inf sums are kept as they are
+  int e = 0;
+  std::frexp(float_of(static_cast<uint32_t>(max_bits)), &e);  // max |x| = f 2^e, f in [0.5, 1)
+  const double down = std::ldexp(1.0, -e);
+  for (int l = 0; l < kLanes; ++l) lanes[l] = 0.0;
+  for (int64_t i = i0; i < i1; ++i) {
+    F64x8 term = splat(0.0);
+    add_pow_abs(splat(static_cast<double>(load_one<D>(x + i)) * down), p, term);
+    lanes[(i - i0) % kLanes] += term[0];
+  }
+  double scaled = 0.0;
+  for (int l = 0; l < kLanes; ++l) {
+    scaled += lanes[l];
+    lanes[l] = 0.0;
+  }
+  lanes[0] = times_pow2(scaled, p, e);
 }
 
 // Per-lane fp64 sums, the order-free integer reductions and the non-finite counts of one span.
@@ -264,6 +219,7 @@ inline void reduce_block(const typename Storage<D>::T* x, int64_t r0, int64_t r1
   I mx = Vec::set1_i(0);
   I mn = Vec::set1_i(kInfBits);
   I cnt = Vec::set1_i(0);
+  double pow_sum[kLanes] = {};  // NORM_P: the block's fp64 lane sums
   for (int64_t r = r0; r < r1; ++r) {
     const typename Storage<D>::T* row = x + r * kLanes;
     F v[kRegs];
@@ -278,9 +234,9 @@ inline void reduce_block(const typename Storage<D>::T* x, int64_t r0, int64_t r1
         F32x8 xv;
         F64x8 sum;
         std::memcpy(&xv, xs + l, sizeof xv);
-        std::memcpy(&sum, acc.sum + l, sizeof sum);
+        std::memcpy(&sum, pow_sum + l, sizeof sum);
         add_pow_abs(__builtin_convertvector(xv, F64x8), p, sum);
-        std::memcpy(acc.sum + l, &sum, sizeof sum);
+        std::memcpy(pow_sum + l, &sum, sizeof sum);
       }
     } else {
       for (int j = 0; j < kRegs; ++j) {
@@ -299,6 +255,10 @@ inline void reduce_block(const typename Storage<D>::T* x, int64_t r0, int64_t r1
   const bool finite = block_max < kInfBits;
   if (!finite) count_block<D>(x, r0, r1, acc);
   acc.max_bits = block_max > acc.max_bits ? block_max : acc.max_bits;
+  if constexpr (K == NORM_P) {
+    if (finite) rescan_tiny_pow<D>(x, r0 * kLanes, r1 * kLanes, block_max, p, pow_sum);
+    for (int l = 0; l < kLanes; ++l) acc.sum[l] += pow_sum[l];
+  }
   if constexpr (K == NORM_L2 || K == NORM_L1) {
     float lanes[kLanes];
     I lane_bits = Vec::set1_i(0);
@@ -348,21 +308,28 @@ SpanPartial reduce_span(const void* data, int64_t n, double p) {
   for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows)
     reduce_block<D, K>(x, r0, r0 + kBlockRows < rows ? r0 + kBlockRows : rows, p, acc);
   // The last partial row, element by element into the lanes a whole row would use, the terms in
-  // fp64 (exact, as the blocks' second read).
+  // fp64 (exact, as the blocks' second read; NORM_P's re-read like a block's when tiny).
+  double pow_tail[kLanes] = {};
+  int32_t tail_max = 0;
   for (int64_t i = rows * kLanes; i < n; ++i) {
     const float f = load_one<D>(x + i);
     const int32_t a = static_cast<int32_t>(bits_of(f) & 0x7fffffffu);
     const int l = row_lane<D>(static_cast<int>(i - rows * kLanes));
-    acc.max_bits = a > acc.max_bits ? a : acc.max_bits;
+    tail_max = a > tail_max ? a : tail_max;
     count_nonfinite(a, acc);
     if constexpr (K == NORM_L2 || K == NORM_L1) acc.sum[l] += term64<K>(f);
     else if constexpr (K == NORM_P) {
       F64x8 term = splat(0.0);
       add_pow_abs(splat(f), p, term);
-      acc.sum[l] += term[0];
+      pow_tail[l] += term[0];
     }
     else if constexpr (K == NORM_NEG_INF) acc.min_bits = a < acc.min_bits ? a : acc.min_bits;
     else if constexpr (K == NORM_L0) acc.count += a != 0;
+  }
+  acc.max_bits = tail_max > acc.max_bits ? tail_max : acc.max_bits;
+  if constexpr (K == NORM_P) {
+    if (tail_max < kInfBits) rescan_tiny_pow<D>(x, rows * kLanes, n, tail_max, p, pow_tail);
+    for (int l = 0; l < kLanes; ++l) acc.sum[l] += pow_tail[l];
   }
   return finish<K>(acc);
 }

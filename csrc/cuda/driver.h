@@ -1,8 +1,9 @@
 // The host side of the CUDA kernels (plain C++, no CUDA types): argument checks against the clip
 // descriptor, the device guard, the launch. Called by bindings.cpp; contract: gradfuse/_abi.py.
 //
-// reduce and scale enqueue exactly one kernel on `stream` (a cudaStream_t handle as an integer, 0
-// = the legacy default stream) on device `device_index`: asynchronous, no host sync, no allocation,
+// reduce enqueues exactly one kernel on `stream` (a cudaStream_t handle as an integer, 0 = the
+// legacy default stream) on device `device_index`, scale one too, or none when the plan has no
+// chunks (num_chunks == 0): asynchronous, no host sync, no allocation,
 // no copy to the host, so both are capturable in a CUDA graph. The descriptor is passed to the
 // kernel by value. Every address in it is a device address on that device.
 //

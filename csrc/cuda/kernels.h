@@ -1,6 +1,7 @@
 // The kernels' entry points as the host driver sees them (plain C++: driver.cpp is compiled by
-// the host compiler). Each kernel takes one gradfuse::abi::ClipDesc by value (224 bytes of
-// parameters) and is launched with the shapes of tuning.h. Contract: gradfuse/_abi.py.
+// the host compiler). Each kernel takes one gradfuse::abi::ClipDesc by value (8 bytes per field,
+// its size static_asserted in gradfuse_abi.h) and is launched with the shapes of tuning.h.
+// Contract: gradfuse/_abi.py.
 #pragma once
 
 #include <cstdint>

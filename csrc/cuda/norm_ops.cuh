@@ -66,6 +66,20 @@ struct IntSumOp {
   __device__ static int combine(int a, int b) { return a + b; }
 };
 
+struct DoubleSumOp {
+  using T = double;
+  __device__ static double identity() { return 0.0; }
+  __device__ static double combine(double a, double b) { return a + b; }
+};
+
+// NORM_P's order as its terms see it, which its root takes too (gradfuse/_abi.py): fp32(p), every
+// term being an fp32 powf (or, re-read, fp64 from that fp32 p); p itself where fp32(p) is 0 or inf
+// (|p| beyond fp32's range).
+__device__ __forceinline__ double term_order(double p) {
+  const float p32 = static_cast<float>(p);
+  return (p32 == 0.0f || isinf(p32)) ? p : static_cast<double>(p32);
+}
+
 // ---- the norm kinds --------------------------------------------------------------------------------
 
 // Norm<KIND>: the chunk partial P_c accumulated per thread in fp32 (L0: an exact int count) and
@@ -77,8 +91,8 @@ struct Norm {
   using T = std::conditional_t<KIND == abi::NORM_L0, int, float>;
   // NORM_INF's partial is the chunk's max |x| itself, which every kind tracks: no second tracker.
   static constexpr bool kTermIsMaxAbs = KIND == abi::NORM_INF;
-  // Sums of powers of |x| (L2, L1, P with p > 0): their fp32 terms can overflow or underflow for
-  // finite inputs, and such a chunk is re-read exactly (reduce.cu).
+  // Sums of powers of |x| (L2, L1, P): their fp32 terms can overflow or underflow for finite
+  // inputs, and such a chunk is re-read exactly (reduce.cu).
   static constexpr bool kPowerSum = KIND == abi::NORM_L2 || KIND == abi::NORM_L1 || KIND == abi::NORM_P;
 
   __device__ static T identity() {
@@ -118,10 +132,11 @@ struct Norm {
     if constexpr (KIND == abi::NORM_L0) return acc + (S != 0.0 ? 1.0 : 0.0);
     else return combine64(acc, S);
   }
-  // norm = root(S) * scale: sqrt (L2), S^(1/p) (P), S (L1, INF, NEG_INF, L0); L0 is never scaled.
+  // norm = root(S) * scale: sqrt (L2), S^(1/p) (P, with the p of its terms: term_order), S (L1,
+  // INF, NEG_INF, L0); L0 is never scaled. p: the descriptor's.
   __device__ static double root(double S, double p) {
     if constexpr (KIND == abi::NORM_L2) return sqrt(S);
-    else if constexpr (KIND == abi::NORM_P) return pow(S, 1.0 / p);
+    else if constexpr (KIND == abi::NORM_P) return pow(S, 1.0 / term_order(p));
     else return S;
   }
   __device__ static double norm_scale(double inv_scale) { return KIND == abi::NORM_L0 ? 1.0 : inv_scale; }
@@ -169,6 +184,7 @@ class BlockReducer {
   static constexpr int kWarps = kReduceThreads / kWarpSize;
   struct Scratch {
     float word[2][2][kWarps];
+    double wide[kWarps];  // allreduce_sum64's warp results
   };
 
   __device__ explicit BlockReducer(Scratch& s) : s_(s) {}
@@ -198,6 +214,19 @@ class BlockReducer {
   __device__ void allreduce(typename A::T& a) {
     int unused = 0;
     allreduce<A, NoOp>(a, unused);
+  }
+
+  // One fp64 sum, by the same trees (the rare fp64 re-read); the second barrier keeps the next
+  // call's writes of `wide` after every warp's reads of this one.
+  __device__ void allreduce_sum64(double& v) {
+    const int lane = threadIdx.x & (kWarpSize - 1);
+    const int warp = threadIdx.x / kWarpSize;
+    v = warp_allreduce<DoubleSumOp>(v);
+    if (lane == 0) s_.wide[warp] = v;
+    __syncthreads();
+    v = lane < kWarps ? s_.wide[lane] : 0.0;
+    v = warp_allreduce<DoubleSumOp>(v);
+    __syncthreads();
   }
 
  private:

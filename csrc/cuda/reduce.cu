@@ -10,10 +10,13 @@
 //     L2 / L1 / P with p > 0, max |x| finite, and the fp32 partial overflowed or max |x| is so
 //     small that the largest term is below 2^RESCAN_TERM_LOG2 -> the chunk is re-accumulated as
 //     sum (|x| 2^-e)^p in fp32, 2^e the power of two at max |x| (every scaled term <= 1), times
-//     2^(p e) in fp64. So the norm of every finite input is right to fp32 accuracy.
-//     NORM_P with p < 0, INF, NEG_INF and L0 are not re-read for exactness: max, min and counts
-//     are exact, and a negative power's fp32 overflow (|x|^p of a tiny |x|) gives torch's answer
-//     (norm 0).
+//     2^(p e) in fp64 (times_pow2: no 2^(p e) is formed, so no underflow of its own);
+//     P with p < 0, max |x| finite, and the fp32 partial overflowed (|x|^p of a tiny |x|) or is
+//     below 2^RESCAN_TERM_LOG2 (only large |x|) -> the chunk is re-accumulated with every term in
+//     fp64 (Pow64Op; a zero element still gives inf, torch's answer: norm 0).
+//     So the norm of every finite input is right to fp32 accuracy. INF, NEG_INF and L0 are not
+//     re-read for exactness: max, min and counts are exact.
+//   NORM_P's terms use fp32(p) (powf), and so does the root in the finalize (term_order).
 //   chunk_partials[c] = P_c (fp64), chunk_max_abs[c], chunk_counts[2c], [2c + 1].
 //
 // Blocks need not be co-resident: the last block is found with a ticket, nobody waits. Launched
@@ -74,6 +77,19 @@ struct ScaledOp {
   }
 };
 
+// Second read of a finite NORM_P chunk with p < 0 whose fp32 partial left fp32's range: every
+// term |x|^p in fp64, exp2(p log2|x|) (0 -> inf, as pow).
+struct Pow64Op {
+  static constexpr bool kReads = true;
+  static constexpr bool kWrites = false;
+  double p;
+  double v;
+  __device__ float operator()(float x) {
+    v += exp2(p * log2(static_cast<double>(fabsf(x))));
+    return x;
+  }
+};
+
 __device__ __forceinline__ float pow2f(int k) { return __int_as_float((k + 127) << 23); }  // k in [-126, 127]
 
 template <int KIND>
@@ -84,7 +100,7 @@ class ReduceBody {
   __device__ ReduceBody(const ClipDesc& d, BlockReducer::Scratch& scratch) : d_(d), red_(scratch) {
     p_ = static_cast<float>(d.p);
     const float power = N::power(p_);
-    // Re-read a finite chunk exactly only for sums of positive powers (see the file comment).
+    // The scaled re-read is for sums of positive powers; p < 0 has fp64_partial (file comment).
     exact_ = N::kPowerSum && power > 0.0f;
     // max |x| below tiny_: the largest term |x|^power is below 2^RESCAN_TERM_LOG2.
     tiny_ = exact_ ? static_cast<float>(exp2(abi::RESCAN_TERM_LOG2 / power)) : 0.0f;
@@ -118,6 +134,10 @@ class ReduceBody {
       infs = count.infs;
     } else if constexpr (N::kPowerSum) {
       if (exact_ && (not_finite(v) || (max_abs > 0.0f && max_abs < tiny_))) partial = exact_partial(ch, max_abs);
+      if constexpr (KIND == abi::NORM_P) {
+        const float tiny_sum = pow2f(static_cast<int>(abi::RESCAN_TERM_LOG2));
+        if (!exact_ && p_ < 0.0f && !(v >= tiny_sum && v <= FLT_MAX)) partial = fp64_partial(ch);
+      }
     }
     if (threadIdx.x == 0) {
       at<double>(d_.chunk_partials)[c] = partial;
@@ -137,6 +157,14 @@ class ReduceBody {
     walk_chunk<kReduceThreads, kReduceUnroll>(ch, op);
     red_.allreduce<FloatSumOp>(op.v);
     return times_pow2(op.v, N::power(p_), e);
+  }
+
+  // NORM_P, p < 0: sum |x|^p with every term in fp64 (fp32(p), as the fast path's).
+  __device__ double fp64_partial(const Chunk& ch) {
+    Pow64Op op{static_cast<double>(p_), 0.0};
+    walk_chunk<kReduceThreads, kReduceUnroll>(ch, op);
+    red_.allreduce_sum64(op.v);
+    return op.v;
   }
 
   const ClipDesc& d_;
