@@ -10,29 +10,7 @@ import torch
 from helpers import FUSED_CPU_BACKENDS, HALF_ULP, assert_unchanged, bits, snapshot, subnormal_step
 
 import gradfuse
-
-
-def unitwise_norm(x, norm_type=2.0):
-    """timm.utils.agc.unitwise_norm."""
-    if x.ndim <= 1:
-        return x.norm(norm_type)
-    return x.norm(norm_type, dim=tuple(range(1, x.ndim)), keepdim=True)
-
-
-def timm_adaptive_clip_grad(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0):
-    """timm.utils.agc.adaptive_clip_grad, verbatim."""
-    if isinstance(parameters, torch.Tensor):
-        parameters = [parameters]
-    for p in parameters:
-        if p.grad is None:
-            continue
-        p_data = p.detach()
-        g_data = p.grad.detach()
-        max_norm = unitwise_norm(p_data, norm_type=norm_type).clamp_(min=eps).mul_(clip_factor)
-        grad_norm = unitwise_norm(g_data, norm_type=norm_type)
-        clipped_grad = g_data * (max_norm / grad_norm.clamp(min=1e-6))
-        new_grads = torch.where(grad_norm < max_norm, g_data, clipped_grad)
-        p.grad.detach().copy_(new_grads)
+from benchmarks.taming import timm_adaptive_clip_grad
 
 
 class Net(torch.nn.Module):
